@@ -1,0 +1,109 @@
+"""Trains the dense baseline ViT on Fashion-MNIST and writes the checkpoint that ships in the package.
+
+    python recipes/train_dense.py --epochs 4 --out spot_compile/assets/fmnist_vit.pt
+
+Hyperparameters are chosen on a 5k split of the training set; the 10k test split is evaluated once, at the end,
+and only reported. Resumable: progress is saved to `<out>.partial` after each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split
+from spot_compile.models.vit import ViT, ViTConfig
+from spot_compile.training import accuracy, augment, batches, cosine_lr
+
+# Measured on 2 cores: dim 64 / depth 6 / 2 heads at 196 patch tokens trains at ~5 min per epoch with bf16
+# autocast, dim 96 at ~14 min; the smaller one keeps the recipe runnable on a developer's machine.
+SHIPPED = ViTConfig(img_size=28, patch_size=2, in_chans=1, num_classes=10, dim=64, depth=6, heads=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--train-subset", type=int, default=0, help="use only this many training images (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("spot_compile/assets/fmnist_vit.pt"))
+    args = ap.parse_args()
+    console = Console()
+    torch.manual_seed(args.seed)
+
+    train_all = load_dataset(args.data, "train", SHIPPED.img_size, SHIPPED.in_chans)
+    train, val = train_val_split(train_all, 5000, seed=args.seed)
+    if args.train_subset:
+        train = train.subset(torch.arange(args.train_subset))
+    model = ViT(SHIPPED)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    gen = torch.Generator().manual_seed(args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial")
+    start_epoch, history = 0, []
+    if partial.exists():
+        state = torch.load(partial, weights_only=False)
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
+        start_epoch, history = state["epoch"], state["history"]
+        console.print(f"resuming from epoch {start_epoch}")
+
+    t0 = time.time()
+    with Progress(console=console) as progress:
+        task = progress.add_task("training", total=total, completed=start_epoch * steps_per_epoch)
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            running = 0.0
+            for i, (x, y) in enumerate(batches(train, args.batch_size, shuffle=True, generator=gen)):
+                step = epoch * steps_per_epoch + i
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, total, warmup=steps_per_epoch // 2, base=args.lr)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(augment(x, gen)).float(), y, label_smoothing=0.1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.item()
+                progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {running / (i + 1):.3f}")
+            model.eval()
+            history.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "val_acc": accuracy(model, val)})
+            progress.console.print(f"epoch {epoch + 1}: val top-1 {history[-1]['val_acc']:.2f}%")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "history": history}, partial)
+
+    model.eval()
+    test = load_dataset(args.data, "test", SHIPPED.img_size, SHIPPED.in_chans)
+    test_acc = accuracy(model, test)
+    table = Table(title="dense baseline")
+    for col in ("epoch", "train loss", "val top-1 (5k of train)"):
+        table.add_column(col)
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.3f}", f"{h['val_acc']:.2f}")
+    console.print(table)
+    console.print(f"test top-1 (10k held out): {test_acc:.2f}%  ({time.time() - t0:.0f} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "config": SHIPPED.to_dict(),
+            "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+            "metrics": {"test_top1": test_acc, "val_top1": history[-1]["val_acc"], "epochs": args.epochs},
+            "data": "Fashion-MNIST (Debian dataset-fashion-mnist), normalized with mean 0.2860 std 0.3530",
+        },
+        args.out,
+    )
+    partial.unlink(missing_ok=True)
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Capture a model as an ATen-level torch.fx graph with `torch.export` (batch dimension dynamic)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.export import Dim, export
+from torch.fx import GraphModule
+
+from .errors import CaptureError, InputSizeError
+
+_SHAPE_ERROR = re.compile(r"(size of tensor a|shape '\[.*\]' is invalid|must match the size|Expected input|mat1 and mat2|expected .* channels|Input image height|doesn't match model|input size)", re.I)
+
+
+def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | None, batch: int = 2) -> torch.Tensor:
+    """A random image batch of the model's input size: `input_size` if given, else what the model declares.
+
+    Reading `img_size` / `image_size` (timm, torchvision, HF configs, spot-compile's own ViT) is only a default;
+    any model works when the user passes the size.
+    """
+    channels = _declared(model, ("in_chans", "num_channels", "in_channels")) or 3
+    size = input_size or _declared(model, ("img_size", "image_size"))
+    if size is None:
+        raise InputSizeError("cannot tell the model's input size; pass it with --input-size N (SparsifyConfig.input_size)")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    return torch.randn(batch, int(channels), int(h), int(w))
+
+
+def _declared(model: torch.nn.Module, names: tuple[str, ...]):
+    holders = [model, getattr(model, "config", None), getattr(model, "patch_embed", None)]
+    holders += [getattr(m, "config", None) for m in model.children()]
+    for holder in holders:
+        for name in names:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int) or (isinstance(value, (tuple, list)) and value and all(isinstance(v, int) for v in value)):
+                return value
+    return None
+
+
+def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
+    """Exports `model` in eval mode; the returned GraphModule shares the model's parameters (no copies)."""
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            with torch.no_grad():
+                model(example)
+        except Exception as e:  # the model's own forward rejected the input: a size/channel mistake, not tracing
+            raise InputSizeError(
+                f"the model rejects a {tuple(example.shape)} input ({_first_line(e)}); pass the right size with --input-size"
+            ) from e
+        try:
+            program = export(model, (example,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+        except Exception as e:
+            raise CaptureError(
+                f"torch.export cannot capture the model: {_first_line(e)}; make the forward traceable "
+                "(no data-dependent Python control flow, no untraceable ops) - see docs/errors.md"
+            ) from e
+    finally:
+        model.train(was_training)
+    return program.module()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,61 @@
+"""The one configuration object of the public API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import BudgetError
+
+Policy = Literal["class-attention", "random", "spot"]
+POLICIES = ("class-attention", "random", "spot")
+
+
+@dataclass
+class SparsifyConfig:
+    """How to sparsify a ViT.
+
+    budget: target cost as a fraction of the dense model's FLOPs at the same input, in (0, 1]. 1.0 leaves the
+        model dense (bit-for-bit the captured graph).
+    stages: block indices (0-based) in front of which tokens are pruned. Default: the blocks at 1/4, 1/2 and 3/4
+        of the depth (3, 6, 9 of 12, as in DynamicViT/SPOT).
+    policy: how tokens are scored: "class-attention" (training-free, EViT-like), "random" (a baseline) or "spot"
+        (learned SPOT predictors; pass `predictors`).
+    keep: explicit kept patch-token counts per stage; overrides `budget` when given.
+    fuse_pruned: average the dropped tokens into one extra token (EViT-style) instead of discarding them.
+    input_size: image side (or (H, W)) of the example input; default read from the model where it declares one.
+    predictors: path to a calibrated predictor checkpoint (policy "spot").
+    """
+
+    budget: float = 0.6
+    stages: tuple[int, ...] | None = None
+    policy: Policy = "class-attention"
+    keep: tuple[int, ...] | None = None
+    fuse_pruned: bool = False
+    input_size: int | tuple[int, int] | None = None
+    predictors: str | None = None
+    tolerance: float = field(default=0.02, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.budget = float(self.budget)
+        except (TypeError, ValueError):
+            raise BudgetError(f"budget must be a number in (0, 1], got {self.budget!r}") from None
+        if not 0.0 < self.budget <= 1.0:
+            raise BudgetError(f"budget must be in (0, 1] (a fraction of the dense FLOPs), got {self.budget}; e.g. --budget 0.6")
+        if self.policy not in POLICIES:
+            raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.stages is not None:
+            self.stages = tuple(sorted(set(int(s) for s in self.stages)))
+            if not self.stages:
+                raise BudgetError("stages is empty; give at least one block index, e.g. --stages 3,6,9")
+        if self.keep is not None:
+            self.keep = tuple(int(k) for k in self.keep)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_stages(depth: int) -> tuple[int, ...]:
+    """Blocks at 1/4, 1/2, 3/4 of the depth (3/6/9 of 12); at least block 1, never the first block."""
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)})) if depth > 1 else ()

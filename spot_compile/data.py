@@ -1,0 +1,141 @@
+"""Image classification data from disk: IDX files (the MNIST family) or an ImageFolder tree.
+
+Nothing is downloaded: Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+
+
+@dataclass
+class ImageSet:
+    """Images as float tensors (N, C, H, W) in [0, 1] with integer labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads one IDX file (optionally gzip-compressed) into a numpy array."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"IDX file not found: {path}; check the --data directory")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path} ({e}); the file is corrupt or truncated, reinstall the data") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); expected MNIST-style IDX data")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated inside its header; reinstall the data")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path} holds {len(raw) - header} data bytes but its header promises {expected}; the file is corrupt")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, split: str, kind: str) -> Path | None:
+    prefix = _SPLIT_PREFIX[split]
+    for name in (f"{prefix}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte", f"{prefix}-{kind}.idx"):
+        for suffix in (".gz", ""):
+            if (root / (name + suffix)).is_file():
+                return root / (name + suffix)
+    return None
+
+
+def load_idx_split(root: Path, split: str) -> ImageSet:
+    images_path, labels_path = _find_idx(root, split, "images"), _find_idx(root, split, "labels")
+    if images_path is None or labels_path is None:
+        raise DataError(f"no {split} IDX files in {root} (expected {_SPLIT_PREFIX[split]}-images-idx3-ubyte[.gz] and labels)")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"IDX files in {root} disagree: images {images.shape} vs labels {labels.shape}")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    classes = FASHION_MNIST_CLASSES if int(y.max()) < 10 and root == FASHION_MNIST_DIR else tuple(str(i) for i in range(int(y.max()) + 1))
+    return ImageSet(x, y, classes)
+
+
+def load_image_folder(root: Path, split: str, img_size: int, channels: int) -> ImageSet:
+    """`root/split/CLASS/*.png|jpg` (or `root/CLASS/...` for a single split)."""
+    from PIL import Image
+
+    base = root / split if (root / split).is_dir() else root
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"{base} has no class folders; expected ImageFolder layout {root}/{split}/CLASS/image.png")
+    mode = "L" if channels == 1 else "RGB"
+    xs, ys = [], []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp"}:
+                continue
+            img = Image.open(f).convert(mode).resize((img_size, img_size))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            xs.append(torch.from_numpy(arr.reshape(img_size, img_size, channels)).permute(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{base} has class folders but no images (.png/.jpg/.bmp)")
+    return ImageSet(torch.stack(xs), torch.tensor(ys), tuple(d.name for d in class_dirs))
+
+
+def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int = 1) -> ImageSet:
+    """Loads `split` ("train" or "test") from an IDX directory or an ImageFolder tree."""
+    root = Path(root)
+    if not root.is_dir():
+        hint = " (install it with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DIR else ""
+        raise DataError(f"data directory not found: {root}{hint}")
+    if _find_idx(root, "train", "images") or _find_idx(root, "test", "images"):
+        data = load_idx_split(root, split)
+    elif any(p.is_dir() for p in root.iterdir()):
+        data = load_image_folder(root, split, img_size, channels)
+    else:
+        raise DataError(f"{root} is neither an IDX directory (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree (CLASS/img.png)")
+    if data.images.shape[1] != channels:
+        raise DataError(f"{root} has {data.images.shape[1]}-channel images but the model takes {channels}")
+    if data.images.shape[-1] != img_size:
+        data.images = torch.nn.functional.interpolate(data.images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return data
+
+
+def train_val_split(data: ImageSet, val_size: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A fixed split of the training set: hyperparameters are chosen on `val`, never on the test split."""
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(perm[val_size:]), data.subset(perm[:val_size])
+
+
+# Fashion-MNIST's pixel statistics on its training split.
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+
+
+def normalize(x: torch.Tensor, mean: float = FMNIST_MEAN, std: float = FMNIST_STD) -> torch.Tensor:
+    return (x - mean) / std

@@ -1,0 +1,36 @@
+"""User-facing errors. Each message says what was wrong and what to do, on one line.
+
+The CLI prints `SpotError`s without a traceback (``--debug`` shows it); anything else is a bug in spot-compile.
+"""
+
+
+class SpotError(Exception):
+    """Base class of every error caused by user input rather than a bug."""
+
+
+class ModelFileError(SpotError):
+    """The user's Python file is missing, broken, or does not define exactly one model."""
+
+
+class CaptureError(SpotError):
+    """torch.export could not capture the model."""
+
+
+class StructureError(SpotError):
+    """The graph holds no prunable transformer blocks (no attention, windowed attention, ...)."""
+
+
+class BudgetError(SpotError):
+    """The budget or the stage choice is out of range or cannot be met."""
+
+
+class InputSizeError(SpotError):
+    """The example input does not fit the model."""
+
+
+class CheckpointError(SpotError):
+    """A checkpoint is missing, corrupt, or was made for another model."""
+
+
+class DataError(SpotError):
+    """A data directory is missing or in a layout spot-compile cannot read."""

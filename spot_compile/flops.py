@@ -1,0 +1,27 @@
+"""FLOPs measured by `torch.utils.flop_counter.FlopCounterMode`, with CPU fused attention counted.
+
+On CPU, SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which torch's counter has no formula
+for, so it would count attention as free. We register torch's own SDPA formula for it (`sdpa_flop_count`), so
+the count matches what the MATH backend's matmuls read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+if _cpu_flash not in flop_registry and _cpu_flash.default not in flop_registry:
+
+    @register_flop_formula(_cpu_flash, get_raw=True)
+    def _cpu_flash_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass of `model` on `example`."""
+    with FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops())

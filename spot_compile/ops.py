@@ -1,0 +1,85 @@
+"""Traceable token ops that the passes splice into the graph (plain torch, so Inductor can fuse them).
+
+Shapes: `tokens` is (B, N, D); attention probabilities are (B, H, N, N) or (B*H, N, N); q/k are (..., N, d).
+Scores are (B, N): one relevance value per token, higher means keep.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prune_tokens(tokens: torch.Tensor, scores: torch.Tensor, num_special: int, keep: int, fuse: bool = False) -> torch.Tensor:
+    """Keeps the `num_special` leading tokens and the `keep` best-scored others, in their original order.
+
+    With `fuse`, the dropped tokens are averaged (weighted by softmax of their scores) into one extra last token,
+    as EViT does, so their information is not lost entirely.
+    """
+    special, rest = tokens[:, :num_special], tokens[:, num_special:]
+    rest_scores = scores[:, num_special:]
+    # Sorting the kept indices keeps the surviving tokens in raster order: later stages and the token maps rely
+    # on it, and it costs a sort of `keep` integers.
+    idx = rest_scores.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+    kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    if not fuse:
+        return torch.cat([special, kept], dim=1)
+    dropped = torch.ones_like(rest_scores, dtype=torch.bool).scatter(1, idx, False)
+    weights = rest_scores.float().masked_fill(~dropped, float("-inf")).softmax(dim=1).to(tokens.dtype)
+    fused = torch.einsum("bn,bnd->bd", weights, rest).unsqueeze(1)
+    return torch.cat([special, kept, fused], dim=1)
+
+
+def kept_indices(scores: torch.Tensor, num_special: int, keep: int) -> torch.Tensor:
+    """The token indices (into the stage's input) that `prune_tokens` keeps, special tokens first."""
+    idx = scores[:, num_special:].topk(keep, dim=1, sorted=False).indices.sort(dim=1).values + num_special
+    special = torch.arange(num_special, device=scores.device).expand(scores.shape[0], -1)
+    return torch.cat([special, idx], dim=1)
+
+
+def _per_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, H, ..., N) or (B*H, ..., N) -> (B, H', N) with the head axis folded in."""
+    return x.reshape(batch, -1, x.shape[-1])
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """softmax(q kᵀ · scale), formed explicitly: used only at the few layers a predictor reads."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)
+
+
+def class_attention_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, batch: int) -> torch.Tensor:
+    """Attention the class token (query 0) pays to every token, mean over heads: O(N·d), no N×N matrix."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    row = (q[..., :1, :] @ k.transpose(-2, -1) * scale).softmax(dim=-1)
+    return _per_batch(row, batch).mean(dim=1)
+
+
+def class_attention_probs(probs: torch.Tensor, batch: int) -> torch.Tensor:
+    return _per_batch(probs[..., 0, :], batch).mean(dim=1)
+
+
+def attention_received(probs: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean attention each token receives over all queries and heads (for models without a class token)."""
+    return _per_batch(probs.mean(dim=-2), batch).mean(dim=1)
+
+
+def attention_descriptor(probs: torch.Tensor, batch: int, num_special: int) -> torch.Tensor:
+    """SPOT's compact per-token attention summary, (B, N, H*6), from one layer's probabilities.
+
+    Per head: CLS-out A[cls, t], CLS-in A[t, cls], and mean and variance of the token's row and column of the
+    patch-to-patch block. Means and variances rather than raw rows keep the feature size independent of N and
+    blunt single spurious peaks. Without a class token the two CLS features are zero.
+    """
+    n = probs.shape[-1]
+    a = probs.reshape(batch, -1, n, n)
+    if num_special:
+        cls_out, cls_in = a[:, :, 0, :], a[:, :, :, 0]
+    else:
+        cls_out = cls_in = torch.zeros_like(a[:, :, 0, :])
+    pp = a[:, :, :, num_special:]
+    row_mean, row_var = pp.mean(dim=-1), pp.var(dim=-1, unbiased=False)
+    pq = a[:, :, num_special:, :]
+    col_mean, col_var = pq.mean(dim=-2), pq.var(dim=-2, unbiased=False)
+    # Scale by N so the features are O(1) whatever the token count (a uniform row has mean 1/N).
+    feats = torch.stack([cls_out * n, cls_in * n, row_mean * n, row_var * n * n, col_mean * n, col_var * n * n], dim=-1)
+    return feats.permute(0, 2, 1, 3).reshape(batch, n, -1)

@@ -1,0 +1,201 @@
+"""Pass: find the transformer blocks of an exported ViT by graph structure alone.
+
+Matches, in the ATen graph:
+  * attention cores: `scaled_dot_product_attention` (any fused variant), or `softmax` fed by a matmul and feeding
+    a matmul (the explicit form);
+  * the attention residual add: the first `add` after the core whose other operand feeds the core (that operand
+    is the block's input stream, pre- or post-norm alike);
+  * the MLP residual add: the next `add` that re-joins the stream;
+  * special tokens (class, distillation, register tokens): the leading inputs of the `cat` along the token axis
+    that builds the first block's input from tensors that do not depend on the image.
+Emits nothing into the graph; returns a `ModelStructure`. No module names or library classes are consulted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..errors import StructureError
+from .graph_query import ADD_OPS, CAT_OPS, MATMUL_OPS, SDPA_OPS, SOFTMAX_OPS, DataFlow, shape
+
+# Element-wise ops allowed between a softmax and the matmuls around it (scaling, masking, casts, dropout).
+_PASSTHROUGH = {
+    torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.dropout.default,
+    torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.type_as.default,
+    torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default,
+}
+
+
+@dataclass
+class Block:
+    """One transformer block as found in the graph."""
+
+    index: int
+    attention: Node  # the SDPA node, or the softmax node of an explicit attention
+    kind: str  # "sdpa" | "explicit"
+    input: Node  # residual stream entering the block, (B, N, D)
+    attn_residual: Node
+    mlp_residual: Node | None
+    tokens: int
+    dim: int
+    heads: int
+
+    @property
+    def query(self) -> Node | None:
+        return self.attention.args[0] if self.kind == "sdpa" else None
+
+    @property
+    def key(self) -> Node | None:
+        return self.attention.args[1] if self.kind == "sdpa" else None
+
+    @property
+    def scale(self) -> float | None:
+        return self.attention.kwargs.get("scale") if self.kind == "sdpa" else None
+
+    def describe(self) -> dict:
+        return {
+            "block": self.index, "attention": f"{self.kind} ({self.attention.name})", "input": self.input.name,
+            "attn_residual": self.attn_residual.name,
+            "mlp_residual": self.mlp_residual.name if self.mlp_residual is not None else "-",
+            "tokens": self.tokens, "dim": self.dim, "heads": self.heads,
+        }
+
+
+@dataclass
+class ModelStructure:
+    blocks: list[Block]
+    num_special: int  # class/distillation/register tokens, always a prefix of the token axis
+    special_sources: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks[0].tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.num_special > 0
+
+
+def find_blocks(gm: GraphModule) -> ModelStructure:
+    flow = DataFlow(gm.graph)
+    cores = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target in SDPA_OPS or _is_explicit_softmax(n))]
+    if not cores:
+        raise StructureError(
+            "no attention found in the model graph (no scaled_dot_product_attention and no matmul->softmax->matmul); "
+            "spot-compile prunes Vision Transformers, not CNNs or MLPs"
+        )
+    blocks = []
+    for core in cores:
+        blocks.append(_block_around(core, flow, len(blocks)))
+    _check_blocks(blocks, flow)
+    num_special, sources = _special_tokens(blocks[0], flow)
+    return ModelStructure(blocks, num_special, sources)
+
+
+def _is_explicit_softmax(node: Node) -> bool:
+    if node.target not in SOFTMAX_OPS:
+        return False
+    return _reaches(node, MATMUL_OPS, upstream=True) and _reaches(node, MATMUL_OPS, upstream=False)
+
+
+def _reaches(node: Node, targets: set, upstream: bool, hops: int = 4) -> bool:
+    frontier = [node]
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            for m in (n.all_input_nodes if upstream else n.users):
+                if m.op != "call_function":
+                    continue
+                if m.target in targets:
+                    return True
+                if m.target in _PASSTHROUGH:
+                    nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
+    up = flow.ancestors(core)
+    down = flow.descendants(core)
+    after = sorted(down, key=flow.order.get)
+    attn_res = stream = None
+    for node in after:
+        if node.op == "call_function" and node.target in ADD_OPS and len(node.args) >= 2:
+            a, b = node.args[0], node.args[1]
+            for x, branch in ((a, b), (b, a)):
+                if isinstance(x, Node) and isinstance(branch, Node) and x in up and branch in down and len(shape(x)) == 3:
+                    attn_res, stream = node, x
+                    break
+        if attn_res is not None:
+            break
+    if attn_res is None:
+        raise StructureError(
+            f"attention `{core.name}` has no residual connection around it; spot-compile needs ViT blocks of the form "
+            "x + attention(x) (encoder-decoder or cross-attention models are not supported)"
+        )
+    # MLP residual: the next add that joins a stream value with something computed from it.
+    res_down = flow.descendants(attn_res) | {attn_res}
+    mlp_res = None
+    for node in sorted(flow.descendants(attn_res), key=flow.order.get):
+        if node.op == "call_function" and node.target in ADD_OPS and len(node.args) >= 2:
+            a, b = node.args[0], node.args[1]
+            if all(isinstance(v, Node) and v in res_down for v in (a, b)) and shape(node) == shape(attn_res):
+                if a in flow.ancestors(b) or b in flow.ancestors(a):
+                    mlp_res = node
+                    break
+        if node.op == "call_function" and (node.target in SDPA_OPS or _is_explicit_softmax(node)):
+            break
+    s = shape(stream)
+    heads = _heads(core)
+    return Block(index, core, "sdpa" if core.target in SDPA_OPS else "explicit", stream, attn_res, mlp_res,
+                 tokens=int(s[1]), dim=int(s[2]), heads=heads)
+
+
+def _heads(core: Node) -> int:
+    q = shape(core.args[0]) if core.target in SDPA_OPS else shape(core)
+    return int(q[-3]) if len(q) >= 4 and isinstance(q[-3], int) else 1
+
+
+def _check_blocks(blocks: list[Block], flow: DataFlow) -> None:
+    for b in blocks:
+        s = shape(b.input)
+        if len(s) != 3 or not isinstance(s[1], int):
+            raise StructureError(f"block {b.index}: the residual stream `{b.input.name}` has shape {s}, not (batch, tokens, dim)")
+        core_q = shape(b.attention.args[0]) if b.kind == "sdpa" else shape(b.attention)
+        if len(core_q) >= 2 and isinstance(core_q[-2], int) and core_q[-2] != s[1]:
+            raise StructureError(
+                f"block {b.index}: attention runs over {core_q[-2]} tokens but the stream holds {s[1]}; windowed "
+                "(Swin-style) attention cannot drop tokens without re-partitioning windows and is not supported"
+            )
+
+
+def _special_tokens(first: Block, flow: DataFlow) -> tuple[int, list[str]]:
+    """Counts the leading tokens that do not come from the image (class, distillation, register tokens)."""
+    up = flow.ancestors(first.input) | {first.input}
+    cats = [n for n in up if n.op == "call_function" and n.target in CAT_OPS and _cat_dim(n) == 1
+            and len(shape(n)) == 3 and shape(n)[1] == first.tokens]
+    if not cats:
+        return 0, []
+    cat = max(cats, key=flow.order.get)
+    count, sources = 0, []
+    for part in cat.args[0]:
+        if flow.depends_on_input(part):
+            break
+        count += int(shape(part)[1])
+        sources.append(part.name)
+    rest = cat.args[0][len(sources):]
+    if any(not flow.depends_on_input(p) for p in rest):
+        raise StructureError(
+            f"special tokens are not all in front of the patch tokens (`{cat.name}`); spot-compile keeps special "
+            "tokens as a prefix of the sequence and cannot prune this layout"
+        )
+    return count, sources
+
+
+def _cat_dim(node: Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(shape(node))
+    return dim + rank if dim < 0 else dim

@@ -1,0 +1,41 @@
+"""Small training utilities shared by the dense recipe and the predictor calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .data import ImageSet, normalize
+
+
+def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+    for i in range(0, len(data), batch_size):
+        idx = order[i : i + batch_size]
+        yield normalize(data.images[idx]), data.labels[idx]
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels and horizontal flips (Fashion-MNIST items are left-right symmetric in kind)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    out = padded[:, :, dy : dy + h, dx : dx + w]
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, batch_size: int = 500) -> float:
+    correct = 0
+    for x, y in batches(data, batch_size, shuffle=False):
+        correct += int((model(x).argmax(-1) == y).sum())
+    return 100.0 * correct / len(data)
