@@ -13,3 +13,7 @@ from .errors import SpotError
 
 __all__ = ["SparseViT", "SparsifyConfig", "SpotError", "sparsify"]
 __version__ = "0.1.0"
+
+from .artifact import load, save  # noqa: E402
+
+__all__ += ["load", "save"]

@@ -47,15 +47,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> to
     return (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)
 
 
-def class_attention_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, batch: int) -> torch.Tensor:
-    """Attention the class token (query 0) pays to every token, mean over heads: O(N·d), no N×N matrix."""
+def class_attention_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, batch: int, cls: int = 0) -> torch.Tensor:
+    """Attention the class token (query `cls`) pays to every token, mean over heads: O(N·d), no N×N matrix."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    row = (q[..., :1, :] @ k.transpose(-2, -1) * scale).softmax(dim=-1)
+    row = (q[..., cls : cls + 1, :] @ k.transpose(-2, -1) * scale).softmax(dim=-1)
     return _per_batch(row, batch).mean(dim=1)
 
 
-def class_attention_probs(probs: torch.Tensor, batch: int) -> torch.Tensor:
-    return _per_batch(probs[..., 0, :], batch).mean(dim=1)
+def class_attention_probs(probs: torch.Tensor, batch: int, cls: int = 0) -> torch.Tensor:
+    return _per_batch(probs[..., cls, :], batch).mean(dim=1)
 
 
 def attention_received(probs: torch.Tensor, batch: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def attention_received(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return _per_batch(probs.mean(dim=-2), batch).mean(dim=1)
 
 
-def attention_descriptor(probs: torch.Tensor, batch: int, num_special: int) -> torch.Tensor:
+def attention_descriptor(probs: torch.Tensor, batch: int, num_special: int, cls: int | None) -> torch.Tensor:
     """SPOT's compact per-token attention summary, (B, N, H*6), from one layer's probabilities.
 
     Per head: CLS-out A[cls, t], CLS-in A[t, cls], and mean and variance of the token's row and column of the
@@ -72,8 +72,8 @@ def attention_descriptor(probs: torch.Tensor, batch: int, num_special: int) -> t
     """
     n = probs.shape[-1]
     a = probs.reshape(batch, -1, n, n)
-    if num_special:
-        cls_out, cls_in = a[:, :, 0, :], a[:, :, :, 0]
+    if cls is not None:
+        cls_out, cls_in = a[:, :, cls, :], a[:, :, :, cls]
     else:
         cls_out = cls_in = torch.zeros_like(a[:, :, 0, :])
     pp = a[:, :, :, num_special:]

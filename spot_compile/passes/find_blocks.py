@@ -69,6 +69,7 @@ class ModelStructure:
     blocks: list[Block]
     num_special: int  # class/distillation/register tokens, always a prefix of the token axis
     special_sources: list[str] = field(default_factory=list)
+    class_token: int | None = None  # index of the special token the output is read from, if any
 
     @property
     def tokens(self) -> int:
@@ -76,7 +77,7 @@ class ModelStructure:
 
     @property
     def has_class_token(self) -> bool:
-        return self.num_special > 0
+        return self.class_token is not None
 
 
 def find_blocks(gm: GraphModule) -> ModelStructure:
@@ -92,7 +93,7 @@ def find_blocks(gm: GraphModule) -> ModelStructure:
         blocks.append(_block_around(core, flow, len(blocks)))
     _check_blocks(blocks, flow)
     num_special, sources = _special_tokens(blocks[0], flow)
-    return ModelStructure(blocks, num_special, sources)
+    return ModelStructure(blocks, num_special, sources, _class_token(blocks[-1], num_special, flow))
 
 
 def _is_explicit_softmax(node: Node) -> bool:
@@ -193,6 +194,20 @@ def _special_tokens(first: Block, flow: DataFlow) -> tuple[int, list[str]]:
             "tokens as a prefix of the sequence and cannot prune this layout"
         )
     return count, sources
+
+
+def _class_token(last: Block, num_special: int, flow: DataFlow) -> int | None:
+    """The special token whose final state the output reads (`select(stream, 1, i)`): the class token.
+
+    Register tokens are special too, but nothing reads them at the end; models that pool patch tokens have none.
+    """
+    anchor = last.mlp_residual or last.attn_residual
+    for node in sorted(flow.descendants(anchor), key=flow.order.get):
+        if node.op == "call_function" and node.target == torch.ops.aten.select.int and len(shape(node.args[0])) == 3:
+            dim, index = node.args[1], node.args[2]
+            if dim in (1, -2) and 0 <= index < num_special:
+                return int(index)
+    return None
 
 
 def _cat_dim(node: Node) -> int:

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from .. import ops
 from ..errors import StructureError
 from .find_blocks import Block, ModelStructure
-from .propagate_tokens import TokenPropagation, fake_mode_of
+from .propagate_tokens import TokenPropagation
 
 SPOT_TAG = "spot_compile"  # node.meta key marking inserted nodes (used by --dump)
 
@@ -44,7 +44,6 @@ def insert_pruning(
     name = f"spot_scorer_{before_block}"
     gm.add_submodule(name, scorer)
     tapped = blocks[max(history_from, before_block - scorer.history):before_block] if scorer.history else []
-    batch = stream.meta["val"].shape[0]
     graph = gm.graph
     anchor = stream.next
     new_nodes: list[Node] = []
@@ -57,29 +56,28 @@ def insert_pruning(
         return node
 
     batch_node = emit(torch.ops.aten.sym_size.int, stream, 0)
-    taps = [_tap(emit, b, scorer.attention, batch_node, structure.num_special) for b in tapped]
+    taps = [_tap(emit, b, scorer.attention, batch_node, structure) for b in tapped]
     scores = emit(name, stream, *taps, op="call_module")
     pruned = emit(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse)
     stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in new_nodes)
 
-    mode = fake_mode_of(gm)
     prop = TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}")
     prop.run()
-    del mode, batch
     return pruned
 
 
-def _tap(emit, block: Block, kind: str, batch: Node, num_special: int) -> Node:
+def _tap(emit, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
+    cls = structure.class_token
     if block.kind == "sdpa":
         if kind == "class":
-            return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch)
+            return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch, cls)
         probs = emit(ops.attention_probs, block.query, block.key, block.scale)
     else:
         if kind == "class":
-            return emit(ops.class_attention_probs, block.attention, batch)
+            return emit(ops.class_attention_probs, block.attention, batch, cls)
         probs = block.attention
     if kind == "received":
         return emit(ops.attention_received, probs, batch)
     if kind == "descriptor":
-        return emit(ops.attention_descriptor, probs, batch, num_special)
+        return emit(ops.attention_descriptor, probs, batch, structure.num_special, cls)
     raise ValueError(f"unknown attention tap {kind!r}")

@@ -1,0 +1,88 @@
+"""Saving a sparsified model and restoring it onto the model it came from.
+
+The artifact holds what is needed to rebuild the graph deterministically (config with the solved keep counts,
+the plan, scorer weights) and a fingerprint of the model's structure and parameter shapes, so that loading it onto
+another model, or at another input size, is an error instead of a silent mismatch. Weights of the backbone are
+not stored: they are the user's model's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import SparsifyConfig
+from .errors import CheckpointError
+from .passes.find_blocks import ModelStructure
+
+FORMAT = "spot-compile/sparse/1"
+
+
+def fingerprint(model: nn.Module, structure: ModelStructure) -> str:
+    """Hash of the block structure and of every parameter's name and shape."""
+    desc = {
+        "blocks": [(b.kind, b.tokens, b.dim, b.heads) for b in structure.blocks],
+        "special": structure.num_special,
+        "params": sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_checkpoint(path: str | Path, expected_format: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or truncated, write it again") from None
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} is not a {expected_format} file (found {found!r}); pass the file spot-compile wrote")
+    return data
+
+
+def save(sparse, model: nn.Module, path: str | Path) -> None:
+    """Writes `sparse` (a SparseViT made from `model`) to `path`."""
+    config = dataclasses.replace(sparse.config, keep=tuple(s.tokens_out - sparse.structure.num_special - int(sparse.config.fuse_pruned) for s in sparse.plan.stages),
+                                 stages=tuple(s.block for s in sparse.plan.stages) or sparse.config.stages)
+    torch.save(
+        {
+            "format": FORMAT,
+            "config": json.dumps(config.to_dict()),
+            "plan": json.dumps(sparse.plan.to_dict()),
+            "fingerprint": fingerprint(model, sparse.structure),
+            "scorers": {name: m.state_dict() for name, m in sparse.scorers.items()},
+        },
+        path,
+    )
+
+
+def load(path: str | Path, model: nn.Module):
+    """Rebuilds the SparseViT saved at `path` on `model`; refuses a model or input size it was not made for."""
+    from .api import sparsify
+
+    data = read_checkpoint(path, FORMAT)
+    config_dict = json.loads(data["config"])
+    config_dict["stages"] = tuple(config_dict["stages"]) if config_dict["stages"] is not None else None
+    config_dict["keep"] = tuple(config_dict["keep"]) if config_dict["keep"] is not None else None
+    config = SparsifyConfig(**config_dict)
+    plan = json.loads(data["plan"])
+    if config.input_size is None:
+        config.input_size = tuple(plan["input_shape"][-2:])
+    sparse = sparsify(model, config)
+    if fingerprint(model, sparse.structure) != data["fingerprint"]:
+        raise CheckpointError(f"{path} was made for a different model (structure or parameter shapes differ); sparsify this model afresh")
+    for name, state in data["scorers"].items():
+        if name not in sparse.scorers:
+            raise CheckpointError(f"{path} has scorer {name!r} that this model's plan lacks; sparsify this model afresh")
+        sparse.scorers[name].load_state_dict(state)
+    if list(sparse.plan.input_shape[1:]) != list(plan["input_shape"][1:]):
+        raise CheckpointError(f"{path} was made for input {plan['input_shape'][1:]}, not {list(sparse.plan.input_shape[1:])}")
+    return sparse

@@ -1,0 +1,143 @@
+"""`spot-compile`: a thin command line over the Python API.
+
+Commands that take MODEL_FILE run that Python file to build the model: only use files you trust.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from .errors import SpotError
+
+console = Console()
+err_console = Console(stderr=True)
+
+_FILE_HELP = (
+    "MODEL_FILE is a Python file that is executed to build the model (only run files you trust). It must define "
+    "a module-level `model`, or exactly one nn.Module instance or nn.Module subclass, or name one with --model / "
+    "--factory."
+)
+
+
+class SpotGroup(click.Group):
+    """Turns SpotError into a one-line message and exit code 2; --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpotError as e:
+            if ctx.params.get("debug"):
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            ctx.exit(2)
+
+
+@click.group(cls=SpotGroup, help="Token pruning for Vision Transformers as a compiler pass (SPOT).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug: bool) -> None:
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def _stages(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of block indices, e.g. 3,6,9") from None
+
+
+def model_options(f):
+    f = click.option("--input-size", type=int, default=None, help="Image side; default: what the model declares.")(f)
+    f = click.option("--factory", default=None, help="Function in MODEL_FILE that returns the model.")(f)
+    f = click.option("--model", "model_name", default=None, help="Name of the model object or class in MODEL_FILE.")(f)
+    return click.argument("model_file", type=click.Path(path_type=Path))(f)
+
+
+def _load(model_file: Path, model_name, factory) -> torch.nn.Module:
+    from .userfile import load_model_file
+
+    return load_model_file(model_file, model_name, factory)
+
+
+@main.command(help=f"Find the attention blocks of a model without rewriting it. {_FILE_HELP}")
+@model_options
+def inspect(model_file, model_name, factory, input_size) -> None:
+    from .capture import capture, example_input
+    from .passes.find_blocks import find_blocks
+    from .report import blocks_table
+
+    model = _load(model_file, model_name, factory)
+    structure = find_blocks(capture(model, example_input(model, input_size)))
+    console.print(blocks_table(structure))
+
+
+@main.command(help=f"Sparsify a model to a FLOPs budget and report the plan. {_FILE_HELP}")
+@model_options
+@click.option("--budget", type=float, default=0.6, show_default=True, help="Sparse FLOPs as a fraction of dense, in (0, 1].")
+@click.option("--stages", default=None, help="Block indices to prune in front of, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
+@click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
+              help="Token scorer (default: spot with --predictors, else class-attention).")
+@click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors (spot-compile calibrate).")
+@click.option("--fuse", is_flag=True, help="Fuse dropped tokens into one extra token (EViT-style).")
+@click.option("--dump", is_flag=True, help="Print the rewritten graph, inserted nodes marked with +.")
+@click.option("--dump-file", type=click.Path(path_type=Path), default=None, help="Write the rewritten graph to a file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Save the sparsified model (spot_compile.load).")
+@click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
+def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out, latency) -> None:
+    from . import SparsifyConfig, save, sparsify
+    from .report import dump_graph, plan_table
+
+    model = _load(model_file, model_name, factory)
+    policy = policy or ("spot" if predictors else "class-attention")
+    config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
+                            predictors=str(predictors) if predictors else None)
+    with console.status("capturing and rewriting the graph"):
+        sparse = sparsify(model, config)
+    timing = quick_latency(model, sparse) if latency else None
+    console.print(plan_table(sparse.plan, timing))
+    if dump:
+        console.print(dump_graph(sparse.graph_module))
+    if dump_file:
+        dump_file.write_text(dump_graph(sparse.graph_module).plain)
+        console.print(f"graph written to {dump_file}")
+    if out:
+        save(sparse, model, out)
+        console.print(f"sparsified model written to {out}")
+
+
+def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
+    """Median eager latency of dense and sparse, interleaved so machine noise hits both alike."""
+    x = torch.randn(batch, *sparse.plan.input_shape[1:])
+    dense_times, sparse_times = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            for fn, times in ((model, dense_times), (sparse, sparse_times)):
+                t = time.perf_counter()
+                fn(x)
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+    return statistics.median(dense_times), statistics.median(sparse_times)
+
+
+@main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")
+@click.option("--budget", type=float, default=0.6, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Fashion-MNIST IDX directory (default: Debian's).")
+@click.option("--limit", type=int, default=0, help="Evaluate on the first N test images only (0: all 10k).")
+def demo(budget, data, limit) -> None:
+    from .demo import run_demo
+
+    run_demo(console, budget=budget, data=data, limit=limit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

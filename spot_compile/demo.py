@@ -1,0 +1,47 @@
+"""`spot-compile demo`: the shipped Fashion-MNIST ViT, dense vs sparsified, on the real 10k test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .api import sparsify
+from .cli import quick_latency
+from .config import SparsifyConfig
+from .data import FASHION_MNIST_DIR, load_dataset
+from .training import accuracy
+from .zoo import SHIPPED_PREDICTORS, load_shipped_model
+
+
+def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, limit: int = 0) -> dict:
+    model, metrics = load_shipped_model()
+    test = load_dataset(data or FASHION_MNIST_DIR, "test", model.cfg.img_size, model.cfg.in_chans)
+    if limit:
+        test = test.subset(torch.arange(min(limit, len(test))))
+    policies = ["class-attention"] + (["spot"] if SHIPPED_PREDICTORS.is_file() else [])
+    table = Table(title=f"shipped ViT on Fashion-MNIST test ({len(test)} held-out images), budget {budget}")
+    for col in ("model", "top-1 %", "GFLOPs/image", "FLOPs ratio", "eager latency ratio (batch 8)"):
+        table.add_column(col)
+    with console.status("dense baseline"):
+        dense_acc = accuracy(model, test)
+    results = {"dense": dense_acc}
+    first = None
+    for policy in policies:
+        with console.status(f"sparsifying ({policy})"):
+            sparse = sparsify(model, SparsifyConfig(budget=budget, policy=policy,
+                                                    predictors=str(SHIPPED_PREDICTORS) if policy == "spot" else None))
+            acc = accuracy(sparse, test)
+            dense_t, sparse_t = quick_latency(model, sparse)
+        if first is None:
+            first = sparse.plan
+            table.add_row("dense", f"{dense_acc:.2f}", f"{first.dense_flops / 1e9:.4f}", "1.000", "1.000")
+        table.add_row(f"sparse, {policy}", f"{acc:.2f}", f"{sparse.plan.sparse_flops / 1e9:.4f}",
+                      f"{sparse.plan.flops_ratio:.3f}", f"{sparse_t / dense_t:.3f}")
+        results[policy] = acc
+    console.print(table)
+    kept = " -> ".join(str(s.tokens_out) for s in first.stages)
+    console.print(f"tokens: {first.stages[0].tokens_in} -> {kept} (stages before blocks {[s.block for s in first.stages]})")
+    return results

@@ -1,0 +1,24 @@
+"""The model that ships with the package: a small ViT trained here on Fashion-MNIST (recipes/train_dense.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .models.vit import ViT, ViTConfig
+
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_MODEL = ASSETS / "fmnist_vit.pt"
+SHIPPED_PREDICTORS = ASSETS / "fmnist_spot_predictors.pt"
+
+
+def load_shipped_model(path: Path = SHIPPED_MODEL) -> tuple[ViT, dict]:
+    """The trained dense baseline (eval mode) and its recorded metrics."""
+    if not path.is_file():
+        raise CheckpointError(f"shipped model missing at {path}; train it with: python recipes/train_dense.py")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = ViT(ViTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt.get("metrics", {})

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from spot_compile.models.vit import ViT
+
+# Small variants of the built-in ViT, covering the graph shapes the finder must handle.
+VARIANTS = {
+    "sdpa-fused-pre": dict(),
+    "explicit-separate-pre": dict(attention="explicit", qkv="separate"),
+    "sdpa-separate-post": dict(qkv="separate", norm="post"),
+    "explicit-fused-post": dict(attention="explicit", norm="post"),
+    "avgpool-registers": dict(pool="avg", num_registers=2),
+}
+SMALL = dict(img_size=16, patch_size=2, dim=32, depth=4, heads=2)  # 64 patch tokens
+
+
+def small_vit(**overrides) -> ViT:
+    torch.manual_seed(0)
+    return ViT(**{**SMALL, **overrides}).eval()
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request):
+    return request.param, small_vit(**VARIANTS[request.param])
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 1, 16, 16)
