@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 
 import torch
@@ -10,7 +13,7 @@ from torch.fx import GraphModule
 
 from .errors import CaptureError, InputSizeError
 
-_SHAPE_ERROR = re.compile(r"(size of tensor a|shape '\[.*\]' is invalid|must match the size|Expected input|mat1 and mat2|expected .* channels|Input image height|doesn't match model|input size)", re.I)
+_USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
 
 
 def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | None, batch: int = 2) -> torch.Tensor:
@@ -50,16 +53,34 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
             raise InputSizeError(
                 f"the model rejects a {tuple(example.shape)} input ({_first_line(e)}); pass the right size with --input-size"
             ) from e
+        chatter = io.StringIO()
         try:
-            program = export(model, (example,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
+            with _quiet_torch_logs(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                program = export(model, (example,), dynamic_shapes=({0: Dim.AUTO},), strict=False)
         except Exception as e:
+            where = _USER_LINE.findall(chatter.getvalue() + str(e))
+            at = f" at {where[-1][0]} (`{where[-1][1].strip()}`)" if where else ""
             raise CaptureError(
-                f"torch.export cannot capture the model: {_first_line(e)}; make the forward traceable "
+                f"torch.export cannot capture the model{at}: {_first_line(e)}; make the forward traceable "
                 "(no data-dependent Python control flow, no untraceable ops) - see docs/errors.md"
             ) from e
     finally:
         model.train(was_training)
     return program.module()
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings of its own when tracing fails; the user gets our one-line error instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import spot_compile as sc
+from spot_compile.errors import BudgetError
+from spot_compile.flops import count_flops
+
+from .conftest import small_vit
+
+
+def _math_flops(module, x):
+    """An independent count: the MATH backend runs attention as plain matmuls, which torch counts itself."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+def test_cpu_fused_attention_is_counted():
+    model = small_vit()
+    x = torch.randn(1, 1, 16, 16)
+    assert count_flops(model, x) == _math_flops(model, x) > 0
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.6, 0.5])
+def test_budget_is_met_within_two_percent(budget):
+    model = small_vit(depth=6, img_size=24)  # 144 patch tokens
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget))
+    x = torch.randn(1, 1, 24, 24)
+    measured = _math_flops(sparse, x) / _math_flops(model, x)
+    assert budget - 0.02 <= measured <= budget
+    assert sparse.plan.flops_ratio == pytest.approx(measured, abs=1e-9)
+    kept = [s.tokens_out for s in sparse.plan.stages]
+    assert kept == sorted(kept, reverse=True) and kept[-1] < 145
+
+
+def test_budget_one_is_the_dense_model_exactly(images):
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=1.0))
+    assert sparse.plan.stages == [] and sparse.plan.flops_ratio == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(images), model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_are_shared_not_copied():
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.7))
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in sparse.graph_module.parameters()} <= ptrs
+
+
+@pytest.mark.parametrize("budget", [0, -0.5, 1.5, "abc"])
+def test_budget_out_of_range(budget):
+    with pytest.raises(BudgetError, match="budget"):
+        sc.SparsifyConfig(budget=budget)
+
+
+def test_unreachable_budget_names_the_minimum():
+    with pytest.raises(BudgetError, match="unreachable"):
+        sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.05, stages=(3,)))
+
+
+def test_stage_index_out_of_range():
+    with pytest.raises(BudgetError, match="out of range"):
+        sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6, stages=(0, 2)))
+
+
+def test_explicit_keep_counts_override_the_budget():
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(keep=(30, 10), stages=(1, 2)))
+    assert [s.tokens_out for s in sparse.plan.stages] == [31, 11]

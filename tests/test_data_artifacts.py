@@ -1,0 +1,74 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import spot_compile as sc
+from spot_compile.data import load_dataset, read_idx
+from spot_compile.errors import CheckpointError, DataError
+
+from .conftest import small_vit
+
+
+def _write_idx(path, array, gz=True):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def _idx_dir(tmp_path, n=12, size=8):
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, size, size)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    return tmp_path
+
+
+def test_idx_loader_reads_what_was_written(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.idx", arr, gz=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.idx"), arr)
+    data = load_dataset(_idx_dir(tmp_path), "test", img_size=8)
+    assert data.images.shape == (12, 1, 8, 8) and data.images.max() <= 1.0 and data.labels.dtype == torch.int64
+
+
+def test_idx_loader_resizes_to_the_model(tmp_path):
+    assert load_dataset(_idx_dir(tmp_path), "train", img_size=16).images.shape == (12, 1, 16, 16)
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    with pytest.raises(DataError, match="data directory not found"):
+        load_dataset(tmp_path / "nope", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither an IDX directory"):
+        load_dataset(tmp_path / "empty", "test")
+    d = _idx_dir(tmp_path / "d") if (tmp_path / "d").mkdir() is None else None
+    raw = gzip.open(d / "t10k-images-idx3-ubyte.gz").read()
+    gzip.open(d / "t10k-images-idx3-ubyte.gz", "wb").write(raw[:-10])
+    with pytest.raises(DataError, match="corrupt"):
+        load_dataset(d, "test", img_size=8)
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        read_idx(d / "t10k-labels-idx1-ubyte.gz")
+
+
+def test_artifact_refuses_another_model_and_a_truncated_file(tmp_path):
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6))
+    path = tmp_path / "s.pt"
+    sc.save(sparse, model, path)
+    with pytest.raises(CheckpointError, match="different model"):
+        sc.load(path, small_vit(dim=48))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        sc.load(path, model)
+    with pytest.raises(CheckpointError, match="not found"):
+        sc.load(tmp_path / "missing.pt", model)
+
+
+def test_input_of_the_wrong_size_is_refused_at_call_time():
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
+    with pytest.raises(sc.errors.InputSizeError, match="does not match"):
+        sparse(torch.randn(1, 1, 20, 20))
