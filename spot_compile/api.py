@@ -14,6 +14,7 @@ from .errors import BudgetError, InputSizeError
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, solve_keep
+from .predictors import load_predictor_checkpoint
 from .scorers import ClassAttentionScorer, RandomScorer
 
 
@@ -47,24 +48,28 @@ class SparseViT(nn.Module):
         return {n: m for n, m in self.graph_module.named_children() if n.startswith("spot_scorer_")}
 
 
-def sparsify(model: nn.Module, config: SparsifyConfig | None = None) -> SparseViT:
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers: dict[int, nn.Module] | None = None) -> SparseViT:
     """Captures `model` with torch.export, finds its attention blocks and prunes tokens to meet `config.budget`.
 
     The model's own parameters are used, not copied. Raises a `SpotError` subclass, with a message that says what
-    to change, for any input it cannot handle.
+    to change, for any input it cannot handle. `scorers` (stage -> module) overrides the policy's scorers; the
+    calibration recipe uses it to evaluate predictors while it trains them.
     """
     config = config or SparsifyConfig()
     example = example_input(model, config.input_size)
     captured = capture(model, example)
     structure = find_blocks(captured)
     depth = len(structure.blocks)
-    stages = config.stages if config.stages is not None else default_stages(depth)
+    if scorers is not None:
+        make_scorer, calibrated_stages = scorers.__getitem__, tuple(sorted(scorers))
+    else:
+        make_scorer, calibrated_stages = scorer_factory(config, model, structure)
+    stages = config.stages or calibrated_stages or default_stages(depth)
     for s in stages:
         if not 1 <= s < depth:
             raise BudgetError(f"stage {s} is out of range: the model has {depth} blocks, so stages must be in 1..{depth - 1}")
     one = example[:1]
     dense_flops = count_flops(captured, one)
-    make_scorer = scorer_factory(config, structure)
     patch_tokens = structure.tokens - structure.num_special
 
     if config.keep is None and config.budget >= 1.0:
@@ -90,11 +95,15 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None) -> SparseVi
     return SparseViT(gm, plan, sparse_structure, config)
 
 
-def scorer_factory(config: SparsifyConfig, structure: ModelStructure) -> Callable[[int], nn.Module]:
+def scorer_factory(
+    config: SparsifyConfig, model: nn.Module, structure: ModelStructure
+) -> tuple[Callable[[int], nn.Module], tuple[int, ...] | None]:
+    """The scorer for each stage, and the stages a calibrated checkpoint fixes (None for training-free policies)."""
     if config.policy == "class-attention":
-        return lambda stage: ClassAttentionScorer(structure.has_class_token)
+        return (lambda stage: ClassAttentionScorer(structure.has_class_token)), None
     if config.policy == "random":
-        return lambda stage: RandomScorer()
-    from .predictors import load_predictors
-
-    return load_predictors(config.predictors, structure)
+        return (lambda stage: RandomScorer()), None
+    ckpt = load_predictor_checkpoint(config.predictors, model, structure)
+    if config.stages is not None and tuple(config.stages) != ckpt.stages:
+        raise BudgetError(f"the predictors were calibrated for stages {ckpt.stages}, not {tuple(config.stages)}; drop --stages or calibrate again")
+    return (lambda stage: ckpt.predictors[stage]), ckpt.stages

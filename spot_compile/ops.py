@@ -63,23 +63,56 @@ def attention_received(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return _per_batch(probs.mean(dim=-2), batch).mean(dim=1)
 
 
-def attention_descriptor(probs: torch.Tensor, batch: int, num_special: int, cls: int | None) -> torch.Tensor:
+def attention_descriptor(
+    probs: torch.Tensor, batch: int, num_special: int, cls: int | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """SPOT's compact per-token attention summary, (B, N, H*6), from one layer's probabilities.
 
     Per head: CLS-out A[cls, t], CLS-in A[t, cls], and mean and variance of the token's row and column of the
     patch-to-patch block. Means and variances rather than raw rows keep the feature size independent of N and
     blunt single spurious peaks. Without a class token the two CLS features are zero.
+    `mask` (B, N), 1 for live tokens, restricts the statistics to live tokens: with a binary mask the live rows equal
+    what the pruned graph computes on the surviving tokens alone (the calibration graph relies on this).
     """
     n = probs.shape[-1]
     a = probs.reshape(batch, -1, n, n)
+    live = torch.ones(batch, n, dtype=a.dtype, device=a.device) if mask is None else mask.to(a.dtype)
+    patch = torch.cat([torch.zeros_like(live[:, :num_special]), live[:, num_special:]], dim=1)
+    n_live, n_patch = live.sum(1)[:, None, None], patch.sum(1)[:, None, None]
     if cls is not None:
         cls_out, cls_in = a[:, :, cls, :], a[:, :, :, cls]
     else:
         cls_out = cls_in = torch.zeros_like(a[:, :, 0, :])
-    pp = a[:, :, :, num_special:]
-    row_mean, row_var = pp.mean(dim=-1), pp.var(dim=-1, unbiased=False)
-    pq = a[:, :, num_special:, :]
-    col_mean, col_var = pq.mean(dim=-2), pq.var(dim=-2, unbiased=False)
-    # Scale by N so the features are O(1) whatever the token count (a uniform row has mean 1/N).
-    feats = torch.stack([cls_out * n, cls_in * n, row_mean * n, row_var * n * n, col_mean * n, col_var * n * n], dim=-1)
+    key_w, query_w = patch[:, None, None, :], patch[:, None, :, None]
+    row_mean = (a * key_w).sum(-1) / n_patch
+    row_var = (((a - row_mean[..., None]) ** 2) * key_w).sum(-1) / n_patch
+    col_mean = (a * query_w).sum(-2) / n_patch
+    col_var = (((a - col_mean[..., None, :]) ** 2) * query_w).sum(-2) / n_patch
+    # Scale by the live token count so the features are O(1) whatever N is (a uniform row has mean 1/N).
+    feats = torch.stack([cls_out * n_live, cls_in * n_live, row_mean * n_live, row_var * n_live**2,
+                         col_mean * n_live, col_var * n_live**2], dim=-1)
     return feats.permute(0, 2, 1, 3).reshape(batch, n, -1)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys where dropped keys (mask 0) get no weight; each query still sees itself (DynamicViT).
+
+    With a binary mask, the rows of live queries equal a softmax over the live tokens alone, so a calibration
+    graph that masks is, in its forward pass, the graph that prunes.
+    """
+    b, n = mask.shape
+    s = scores.reshape(b, -1, n, n)
+    eye = torch.eye(n, dtype=s.dtype, device=s.device)
+    policy = mask.to(s.dtype)[:, None, None, :] * (1 - eye) + eye
+    e = (s - s.amax(dim=-1, keepdim=True)).exp() * policy
+    return (e / e.sum(dim=-1, keepdim=True)).reshape(scores.shape)
+
+
+def masked_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    return s.softmax(dim=-1) if mask is None else masked_softmax(s, mask)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    return masked_attention_probs(q, k, scale, mask) @ v

@@ -59,10 +59,8 @@ def build_sparse(
     """Clones `captured` and prunes to `keep[i]` patch tokens in front of block `stages[i]`."""
     gm = clone_graph_module(captured)
     structure = find_blocks(gm)
-    previous = 0
     for stage, k in zip(stages, keep):
-        insert_pruning(gm, structure, stage, k, make_scorer(stage), history_from=previous, fuse=fuse)
-        previous = stage
+        insert_pruning(gm, structure, stage, k, make_scorer(stage), fuse=fuse)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("call_module", "placeholder", "output") or n.is_impure())
     gm.graph.lint()
     gm.recompile()

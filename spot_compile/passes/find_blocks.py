@@ -42,6 +42,7 @@ class Block:
     tokens: int
     dim: int
     heads: int
+    probs: Node | None = None  # attention probabilities, once a pass has materialised them
 
     @property
     def query(self) -> Node | None:

@@ -2,9 +2,11 @@
 
 Matches: the residual stream node entering block `j` (from `find_blocks`).
 Emits, right after that node:
-  * attention taps on the preceding `scorer.history` blocks (`ops.class_attention_qk`, `ops.attention_probs`,
-    `ops.attention_descriptor`, ... depending on `scorer.attention`), reading the blocks' q/k (fused SDPA) or their
-    softmax output (explicit attention) - the fused attention itself is left untouched;
+  * attention taps on the preceding `scorer.history` blocks (`ops.class_attention_qk`, `ops.attention_received`,
+    `ops.attention_descriptor`, ... depending on `scorer.attention`). Class attention reads the block's q/k
+    (O(N·d)). Taps that need the whole matrix materialise it once at that block: the block's fused SDPA becomes
+    `attention_probs -> matmul` and the probabilities feed both the block and the tap, so attention is not paid
+    twice. A tap on a block before an earlier prune point is carried through that prune's selection;
   * `call_module spot_scorer_<j>` (the scorer), giving scores (B, N);
   * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse)`, which every later user of the stream
     now reads;
@@ -19,20 +21,15 @@ from torch.fx import GraphModule, Node
 from .. import ops
 from ..errors import StructureError
 from .find_blocks import Block, ModelStructure
-from .propagate_tokens import TokenPropagation
+from .propagate_tokens import TokenPropagation, fake_execute
 
 SPOT_TAG = "spot_compile"  # node.meta key marking inserted nodes (used by --dump)
 
 
 def insert_pruning(
-    gm: GraphModule, structure: ModelStructure, before_block: int, keep: int, scorer: torch.nn.Module,
-    history_from: int = 0, fuse: bool = False,
+    gm: GraphModule, structure: ModelStructure, before_block: int, keep: int, scorer: torch.nn.Module, fuse: bool = False,
 ) -> Node:
-    """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node.
-
-    `history_from` is the first block whose attention the scorer may read (the previous prune point), because
-    blocks before it ran on a different token set.
-    """
+    """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node."""
     blocks = structure.blocks
     if not 1 <= before_block < len(blocks):
         raise StructureError(f"stage at block {before_block} is out of range: the model has blocks 0..{len(blocks) - 1}, stages must be 1..{len(blocks) - 1}")
@@ -43,39 +40,71 @@ def insert_pruning(
         raise StructureError(f"stage at block {before_block}: cannot keep {keep} of {patch_tokens} prunable tokens")
     name = f"spot_scorer_{before_block}"
     gm.add_submodule(name, scorer)
-    tapped = blocks[max(history_from, before_block - scorer.history):before_block] if scorer.history else []
-    graph = gm.graph
-    anchor = stream.next
-    new_nodes: list[Node] = []
-
-    def emit(target, *args, op: str = "call_function") -> Node:
-        with graph.inserting_before(anchor):
-            node = graph.call_module(target, args) if op == "call_module" else graph.call_function(target, args)
-        node.meta[SPOT_TAG] = f"stage@{before_block}"
-        new_nodes.append(node)
-        return node
-
-    batch_node = emit(torch.ops.aten.sym_size.int, stream, 0)
-    taps = [_tap(emit, b, scorer.attention, batch_node, structure) for b in tapped]
-    scores = emit(name, stream, *taps, op="call_module")
-    pruned = emit(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse)
-    stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in new_nodes)
-
-    prop = TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}")
-    prop.run()
+    earlier_prunes = [n for n in gm.graph.nodes if n.target is ops.prune_tokens and "spot_block" in n.meta]
+    tapped = blocks[max(0, before_block - scorer.history):before_block]
+    emitter = _Emitter(gm, stream.next, f"stage@{before_block}")
+    batch = emitter(torch.ops.aten.sym_size.int, stream, 0)
+    taps = []
+    for b in tapped:
+        tap = _tap(gm, emitter, b, scorer.attention, batch, structure)
+        for p in earlier_prunes:  # the tap saw the tokens alive at block b: follow later selections
+            if b.index < p.meta["spot_block"]:
+                tap = emitter(ops.prune_tokens, tap, *p.args[1:])
+        taps.append(tap)
+    scores = emitter(name, stream, *taps, op="call_module")
+    pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse)
+    pruned.meta["spot_block"] = before_block
+    stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes)
+    TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
 
 
-def _tap(emit, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
-    cls = structure.class_token
-    if block.kind == "sdpa":
-        if kind == "class":
-            return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch, cls)
-        probs = emit(ops.attention_probs, block.query, block.key, block.scale)
+class _Emitter:
+    """Inserts nodes in order before `anchor`, tags them for --dump and gives them shape metadata."""
+
+    def __init__(self, gm: GraphModule, anchor: Node, tag: str) -> None:
+        self.gm, self.anchor, self.tag, self.nodes = gm, anchor, tag, []
+
+    def __call__(self, target, *args, op: str = "call_function", before: Node | None = None) -> Node:
+        graph = self.gm.graph
+        with graph.inserting_before(before or self.anchor):
+            node = graph.call_module(target, args) if op == "call_module" else graph.call_function(target, args)
+        node.meta[SPOT_TAG] = self.tag
+        if before is None:  # nodes at the anchor get their shapes from the propagation that follows
+            self.nodes.append(node)
+        else:
+            node.meta["val"] = fake_execute(self.gm, node)
+        return node
+
+
+def materialize_attention(gm: GraphModule, block: Block, emit: _Emitter) -> Node:
+    """Replaces a plain fused SDPA by softmax(q kᵀ·scale) @ v and returns the probabilities node (cached)."""
+    if block.kind == "explicit":
+        return block.attention
+    if block.probs is not None:
+        return block.probs
+    sdpa = block.attention
+    q, k, v = sdpa.args[:3]
+    extra = [a for a in sdpa.args[3:] if a not in (None, 0.0, False)] + [kw for kw, a in sdpa.kwargs.items() if kw != "scale" and a not in (None, 0.0, False)]
+    if extra:  # masked, causal or dropout attention: keep it fused and form the matrix beside it
+        probs = emit(ops.attention_probs, q, k, block.scale)
     else:
-        if kind == "class":
-            return emit(ops.class_attention_probs, block.attention, batch, cls)
-        probs = block.attention
+        probs = emit(ops.attention_probs, q, k, block.scale, before=sdpa)
+        out = emit(torch.ops.aten.matmul.default, probs, v, before=sdpa)
+        sdpa.replace_all_uses_with(out)
+        gm.graph.erase_node(sdpa)
+        block.attention, block.kind = probs, "explicit"
+    block.probs = probs
+    return probs
+
+
+def _tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
+    cls = structure.class_token
+    if kind == "class":
+        if block.kind == "sdpa":
+            return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch, cls)
+        return emit(ops.class_attention_probs, block.attention, batch, cls)
+    probs = materialize_attention(gm, block, emit)
     if kind == "received":
         return emit(ops.attention_received, probs, batch)
     if kind == "descriptor":

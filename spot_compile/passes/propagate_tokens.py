@@ -31,6 +31,18 @@ def fake_mode_of(gm: GraphModule):
     return mode
 
 
+def fake_execute(gm: GraphModule, node: Node, mode=None):
+    """Runs one node on the fake values of its inputs and returns its fake output (shape metadata)."""
+    mode = mode or fake_mode_of(gm)
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    with mode:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            return torch.func.functional_call(module, {k: mode.from_tensor(v) for k, v in state.items()}, args, kwargs)
+        return node.target(*args, **kwargs)
+
+
 def _hint(v) -> int:
     if isinstance(v, int):
         return v
@@ -131,14 +143,8 @@ class TokenPropagation:
 
     # -- execution on fake tensors ----------------------------------------------------------------------------
     def _execute(self, node: Node):
-        args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         try:
-            with self.mode:
-                if node.op == "call_module":
-                    module = self.gm.get_submodule(node.target)
-                    fake_state = {k: self.mode.from_tensor(v) for k, v in {**dict(module.named_parameters()), **dict(module.named_buffers())}.items()}
-                    return torch.func.functional_call(module, fake_state, args, kwargs)
-                return node.target(*args, **kwargs)
+            return fake_execute(self.gm, node, self.mode)
         except StructureError:
             raise
         except Exception as e:

@@ -1,0 +1,132 @@
+"""Calibrating SPOT predictors: a short fine-tuning of the predictors against the dense model.
+
+Loss = cross-entropy on labels + 0.5 * KL(dense teacher || sparse student) on logits
+       + 2 * sum over stages of (mean keep probability - stage target)^2.
+The student is the calibration graph (`passes.soft_pruning`): the same stages and static keep counts as inference,
+with a straight-through top-k mask and masked attention. The backbone stays frozen; only predictors learn.
+Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+
+from .api import SparseViT, sparsify
+from .capture import capture, example_input
+from .config import SparsifyConfig, default_stages
+from .data import ImageSet
+from .passes.find_blocks import find_blocks
+from .passes.soft_pruning import build_calibration_graph
+from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
+from .training import accuracy, augment, batches, cosine_lr
+
+
+@dataclass
+class CalibrationResult:
+    checkpoint: PredictorCheckpoint
+    sparse: SparseViT
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def calibrate(
+    model: nn.Module, train: ImageSet, val: ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
+    epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, predictor: PredictorConfig = PredictorConfig(),
+    max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
+    input_size: int | None = None,
+) -> CalibrationResult:
+    console = console or Console()
+    torch.manual_seed(seed)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    captured = capture(model, example_input(model, input_size))
+    structure = find_blocks(captured)
+    stages = stages or default_stages(len(structure.blocks))
+    predictors = make_predictors(structure, stages, predictor)
+    sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
+    keep = tuple(s.tokens_out - structure.num_special for s in sparse.plan.stages)
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    targets, alive = [], structure.tokens - structure.num_special
+    for k in keep:
+        targets.append(k / alive)
+        alive = k
+    params = [p for m in predictors.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(train) // batch_size)
+    total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
+    partial = out.with_suffix(".partial") if out else None
+    history, start_epoch, step = [], 0, 0
+    if partial and partial.exists():
+        state = torch.load(partial, weights_only=False)
+        for s, m in predictors.items():
+            m.load_state_dict(state["predictors"][s])
+        opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
+        history, start_epoch, step = state["history"], state["epoch"], state["step"]
+        console.print(f"resuming calibration from epoch {start_epoch}")
+    t0 = time.time()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("calibrating", total=total, completed=step)
+        for epoch in range(start_epoch, epochs):
+            if step >= total:
+                break
+            student.train()
+            for m in predictors.values():
+                m.train()
+            sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "ratio": 0.0}
+            n = 0
+            for x, y in batches(train, batch_size, shuffle=True, generator=gen):
+                if step >= total:
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=lr)
+                x = augment(x, gen)
+                with torch.no_grad():
+                    teacher = captured(x)
+                logits = student(x)
+                ce = F.cross_entropy(logits, y)
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+                ratio = sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
+                loss = ce + 0.5 * kl + 2.0 * ratio
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("ratio", ratio)):
+                    sums[key] += float(v.detach())
+                n += 1
+                step += 1
+                progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {sums['loss'] / n:.3f}")
+            for m in predictors.values():
+                m.eval()
+            row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": accuracy(sparse, val)}
+            history.append(row)
+            progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
+            if partial:
+                torch.save({"predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
+                            "gen": gen.get_state(), "history": history, "epoch": epoch + 1, "step": step}, partial)
+    seconds = time.time() - t0
+    table = Table(title=f"calibration: budget {budget}, stages {list(stages)}, keep {list(keep)}")
+    for col in ("epoch", "loss", "CE", "KL", "keep-ratio", "val top-1 % (pruned)"):
+        table.add_column(col)
+    for r in history:
+        table.add_row(str(r["epoch"]), f"{r['loss']:.4f}", f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r['ratio']:.5f}", f"{r['val_top1']:.2f}")
+    console.print(table)
+    console.print(f"calibration took {seconds:.0f} s")
+    ckpt = PredictorCheckpoint(predictors, tuple(stages), budget, predictor,
+                               {"history": history, "seconds": seconds, "keep": list(keep)})
+    if out:
+        save_predictors(out, ckpt, model, structure)
+        if partial:
+            partial.unlink(missing_ok=True)
+    return CalibrationResult(ckpt, sparse, history, seconds)

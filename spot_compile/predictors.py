@@ -1,0 +1,113 @@
+"""SPOT's learned token-relevance predictors and their checkpoint.
+
+One small predictor per pruning stage reads three signals and gives one relevance logit per token:
+  1. embedding: the token's state at that depth (LayerNorm + linear);
+  2. interaction: the attention descriptor of the last block before the stage (`ops.attention_descriptor`:
+     CLS-out, CLS-in, row/column mean and variance, per head);
+  3. dynamics: how that descriptor changed from the block before it.
+A global context (mean of the per-token features over live tokens) is appended, as in DynamicViT, so each token is
+judged relative to the image. Any signal can be switched off for the ablation study.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .artifact import fingerprint, read_checkpoint
+from .errors import CheckpointError
+from .passes.find_blocks import ModelStructure
+
+SIGNALS = ("embedding", "interaction", "dynamics")
+FORMAT = "spot-compile/predictors/1"
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    hidden: int = 32
+    signals: tuple[str, ...] = SIGNALS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.signals) - set(SIGNALS)
+        if unknown or not self.signals:
+            raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {self.signals}")
+
+
+class SpotPredictor(nn.Module):
+    attention = "descriptor"
+    history = 2  # the last two blocks: their descriptors and the change between them
+
+    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig()) -> None:
+        super().__init__()
+        self.config = config
+        feat, hid = 6 * heads, config.hidden
+        self.embedding = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hid)) if "embedding" in config.signals else None
+        self.interaction = nn.Linear(feat, hid) if "interaction" in config.signals else None
+        self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
+        self.mix = nn.Sequential(nn.GELU(), nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
+
+    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        last = descriptors[-1]
+        h = 0
+        if self.embedding is not None:
+            h = h + self.embedding(tokens)
+        if self.interaction is not None:
+            h = h + self.interaction(last)
+        if self.dynamics is not None:
+            change = last - descriptors[-2] if len(descriptors) > 1 else torch.zeros_like(last)
+            h = h + self.dynamics(change)
+        if mask is None:
+            context = h.mean(dim=1, keepdim=True)
+        else:
+            w = mask.to(h.dtype)[..., None]
+            context = (h * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+        return self.mix(torch.cat([h, context.expand_as(h)], dim=-1)).squeeze(-1)
+
+
+def make_predictors(structure: ModelStructure, stages: tuple[int, ...], config: PredictorConfig) -> dict[int, SpotPredictor]:
+    torch.manual_seed(0)
+    b = structure.blocks[0]
+    return {s: SpotPredictor(b.dim, b.heads, config) for s in stages}
+
+
+@dataclass
+class PredictorCheckpoint:
+    predictors: dict[int, SpotPredictor]
+    stages: tuple[int, ...]
+    budget: float
+    config: PredictorConfig
+    metrics: dict = field(default_factory=dict)
+
+
+def save_predictors(path, ckpt: PredictorCheckpoint, model: nn.Module, structure: ModelStructure) -> None:
+    torch.save(
+        {
+            "format": FORMAT,
+            "config": json.dumps(asdict(ckpt.config)),
+            "stages": list(ckpt.stages),
+            "budget": ckpt.budget,
+            "fingerprint": fingerprint(model, structure),
+            "state": {str(s): p.state_dict() for s, p in ckpt.predictors.items()},
+            "metrics": json.dumps(ckpt.metrics),
+        },
+        path,
+    )
+
+
+def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure) -> PredictorCheckpoint:
+    if path is None:
+        raise CheckpointError("policy 'spot' needs calibrated predictors: pass --predictors FILE (made by spot-compile calibrate)")
+    data = read_checkpoint(path, FORMAT)
+    if data["fingerprint"] != fingerprint(model, structure):
+        raise CheckpointError(f"{path} was calibrated for a different model (structure or parameter shapes differ); calibrate predictors for this model")
+    cfg = json.loads(data["config"])
+    config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]))
+    stages = tuple(data["stages"])
+    predictors = make_predictors(structure, stages, config)
+    for s, p in predictors.items():
+        p.load_state_dict(data["state"][str(s)])
+        p.eval()
+    return PredictorCheckpoint(predictors, stages, data["budget"], config, json.loads(data["metrics"]))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+import spot_compile as sc
+from spot_compile import ops
+from spot_compile.calibrate import calibrate
+from spot_compile.capture import capture, example_input
+from spot_compile.data import ImageSet
+from spot_compile.errors import CheckpointError
+from spot_compile.flops import count_flops
+from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.passes.soft_pruning import build_calibration_graph
+from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors, save_predictors
+
+from .conftest import small_vit
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention="explicit", qkv="separate")], ids=["sdpa", "explicit"])
+def test_binary_mask_calibration_graph_equals_hard_pruning(overrides):
+    model = small_vit(**overrides)
+    captured = capture(model, example_input(model, None))
+    structure = find_blocks(captured)
+    stages, keep = (1, 2, 3), (40, 25, 12)
+    predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    student.eval()
+    for k in keepers.values():
+        k.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), sparse(x), atol=1e-5, rtol=1e-4)
+    inserted = [n for n in student.graph.nodes if n.target in (ops.masked_attention, ops.masked_softmax)]
+    assert len(inserted) == 3  # blocks 1, 2, 3 attend with the mask; block 0 does not
+
+
+def test_predictor_shapes_and_cost_under_three_percent():
+    model = small_vit(img_size=28, dim=64, depth=6)  # the shipped model's shape
+    structure = find_blocks(capture(model, example_input(model, None)))
+    p = SpotPredictor(64, 2)
+    tokens, desc = torch.randn(2, 197, 64), torch.randn(2, 197, 12)
+    assert p(tokens, desc, desc).shape == (2, 197)
+    predictors = make_predictors(structure, (2, 3, 4), PredictorConfig())
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"), scorers=predictors)
+    x = torch.randn(1, 1, 28, 28)
+    predictor_flops = 0
+    for stage in sparse.plan.stages:
+        n = stage.tokens_in
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as c:
+            predictors[stage.block](torch.randn(1, n, 64), torch.randn(1, n, 12), torch.randn(1, n, 12))
+        predictor_flops += c.get_total_flops()
+    assert predictor_flops / count_flops(model, x) <= 0.03
+
+
+def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path):
+    model = small_vit()
+    torch.manual_seed(0)
+    data = ImageSet(torch.rand(256, 1, 16, 16), torch.randint(0, 10, (256,)), tuple("0123456789"))
+    out = tmp_path / "pred.pt"
+    result = calibrate(model, data, data.subset(torch.arange(64)), budget=0.6, epochs=3, batch_size=32, lr=5e-3, out=out,
+                       predictor=PredictorConfig(hidden=16))
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    loaded = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.sparse(x))
+    with pytest.raises(CheckpointError, match="different model"):
+        sc.sparsify(small_vit(dim=48), sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
+    with pytest.raises(CheckpointError, match="needs calibrated predictors"):
+        sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"))
