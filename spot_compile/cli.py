@@ -129,6 +129,43 @@ def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int =
     return statistics.median(dense_times), statistics.median(sparse_times)
 
 
+@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen). {_FILE_HELP}")
+@model_options
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
+@click.option("--budget", type=float, default=0.6, show_default=True)
+@click.option("--stages", default=None, help="Block indices, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
+              help="Predictor inputs to use (drop one for an ablation).")
+@click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
+def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
+              signals, val_size, seed, no_compile, out) -> None:
+    from .calibrate import calibrate as run
+    from .capture import example_input
+    from .config import SparsifyConfig
+    from .data import load_dataset, train_val_split
+    from .predictors import PredictorConfig
+
+    SparsifyConfig(budget=budget)  # validates the budget before any slow work
+    model = _load(model_file, model_name, factory)
+    _, channels, size, _ = example_input(model, input_size).shape
+    train, val = train_val_split(load_dataset(data_dir, "train", size, channels), min(val_size, 5000), seed=seed)
+    try:
+        predictor = PredictorConfig(signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--signals") from None
+    run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
+        max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile)
+    console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
+
+
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")
 @click.option("--budget", type=float, default=0.6, show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Fashion-MNIST IDX directory (default: Debian's).")

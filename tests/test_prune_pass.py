@@ -73,3 +73,17 @@ def test_stage_out_of_range_is_refused():
 
     with pytest.raises(StructureError, match="out of range"):
         _build(small_vit(), (4,), (10,))
+
+
+def test_kept_token_maps_follow_the_stages():
+    import spot_compile as sc
+    from spot_compile.visualize import kept_patches
+
+    from .conftest import small_vit
+
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 17), stages=(1, 3)))
+    maps = kept_patches(sparse, torch.randn(2, 1, 16, 16))
+    assert [m.shape for m in maps] == [(2, 64), (2, 64)]
+    assert maps[0].sum(1).tolist() == [40, 40] and maps[1].sum(1).tolist() == [17, 17]
+    assert bool((maps[1] <= maps[0]).all())  # a token dropped once stays dropped
