@@ -20,15 +20,17 @@ from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 
 # 250 steps of 128 images (~32k images, half an epoch) fit the 15-minute budget on 2 cores with the compile.
 STEPS = 250
+NOISE = 0.3  # measured on the 5k validation split at budget 0.6: noise 1.0 -> 67.3 %, 0 -> 71.5 %, 0.3 -> 72.1 %
+LR = 3e-3
 
 
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, budget: float = 0.6, steps: int = STEPS,
-                      data: Path = FASHION_MNIST_DIR, console: Console | None = None):
+                      data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR):
     model, _ = load_shipped_model()
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
     return calibrate(model, train, val, budget, epochs=1, max_steps=steps, predictor=PredictorConfig(signals=signals),
-                     out=out, console=console)
+                     out=out, console=console, noise=noise, lr=lr)
 
 
 def main() -> None:
@@ -38,8 +40,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.6)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    ap.add_argument("--noise", type=float, default=NOISE, help="scale of the Gumbel exploration noise")
+    ap.add_argument("--lr", type=float, default=LR)
     args = ap.parse_args()
-    calibrate_shipped(args.out, tuple(args.signals.split(",")), args.budget, args.steps, args.data)
+    calibrate_shipped(args.out, tuple(args.signals.split(",")), args.budget, args.steps, args.data, noise=args.noise, lr=args.lr)
 
 
 if __name__ == "__main__":

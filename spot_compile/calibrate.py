@@ -40,9 +40,9 @@ class CalibrationResult:
 
 def calibrate(
     model: nn.Module, train: ImageSet, val: ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
-    epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, predictor: PredictorConfig = PredictorConfig(),
+    epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
-    input_size: int | None = None, compile: bool = True,
+    input_size: int | None = None, compile: bool = True, noise: float = 0.3,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -61,7 +61,7 @@ def calibrate(
     predictors = make_predictors(structure, stages, predictor)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.tokens_out - structure.num_special for s in sparse.plan.stages)
-    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
     run_student, run_teacher = (torch.compile(student), torch.compile(captured)) if compile else (student, captured)
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:

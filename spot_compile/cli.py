@@ -138,7 +138,8 @@ def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int =
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
@@ -146,7 +147,7 @@ def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int =
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              signals, val_size, seed, no_compile, out) -> None:
+              noise, signals, val_size, seed, no_compile, out) -> None:
     from .calibrate import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -162,8 +163,33 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
-        max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile)
+        max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
+        noise=noise)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
+
+
+@main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")
+@model_options
+@click.option("--budgets", default="1.0,0.8,0.6,0.5", show_default=True)
+@click.option("--batches", default="1,8", show_default=True)
+@click.option("--modes", default="eager,compiled", show_default=True)
+@click.option("--repeats", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Write latency_<file>.json and .md here.")
+def bench(model_file, model_name, factory, input_size, budgets, batches, modes, repeats, warmup, out_dir) -> None:
+    from .bench import report, run_bench
+    from .config import SparsifyConfig
+
+    try:
+        budget_list = [float(b) for b in budgets.split(",")]
+        batch_list = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
+    for b in budget_list:
+        SparsifyConfig(budget=b)
+    model = _load(model_file, model_name, factory)
+    rows = run_bench(model, budget_list, batch_list, tuple(modes.split(",")), input_size, warmup, repeats, console)
+    report(rows, model_file.stem, out_dir, console, repeats, warmup)
 
 
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")

@@ -84,3 +84,17 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, case):
 def test_debug_flag_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(main, ["--debug", "apply", str(tmp_path / "absent.py")])
     assert result.exit_code != 0 and isinstance(result.exception, sc.SpotError)
+
+
+def test_bench_writes_a_table_and_json(tmp_path):
+    import json
+
+    path = _write(tmp_path, MODEL_FILE)
+    result = _run("bench", path, "--budgets", "0.6", "--batches", "2", "--modes", "eager", "--repeats", "2",
+                  "--warmup", "1", "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "latency_mymodel.json").read_text())
+    (row,) = data["rows"]
+    assert row["mode"] == "eager" and row["batch"] == 2 and 0.5 < row["flops_ratio"] <= 0.6
+    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
+    assert "speedup" in result.output

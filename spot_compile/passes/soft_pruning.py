@@ -26,13 +26,15 @@ from .insert_pruning import SPOT_TAG
 class SoftKeep(nn.Module):
     """Keeps the special tokens and the `keep` best live patch tokens; gradients reach the scores through sigmoid.
 
-    In training, Gumbel noise on the scores explores other selections (as DynamicViT's Gumbel-softmax does).
-    `soft_ratio` (B,) is the mean keep probability over live patch tokens, for the keep-ratio loss.
+    In training, Gumbel noise times `noise` on the scores explores other selections (DynamicViT uses full Gumbel
+    noise); with small logits, full noise makes training selections near-random while inference takes a
+    deterministic top-k, so the scale is a knob. `soft_ratio` (B,) is the mean keep probability over live patch
+    tokens, for the keep-ratio loss.
     """
 
-    def __init__(self, num_special: int, keep: int) -> None:
+    def __init__(self, num_special: int, keep: int, noise: float = 0.3) -> None:
         super().__init__()
-        self.num_special, self.keep = num_special, keep
+        self.num_special, self.keep, self.noise = num_special, keep, noise
         self.soft_ratio: torch.Tensor | None = None
 
     def forward(self, scores: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,9 +43,9 @@ class SoftKeep(nn.Module):
         alive = torch.ones_like(scores, dtype=torch.bool) if prev is None else prev.detach() > 0.5
         patch_alive = alive & ~special
         noisy = scores
-        if self.training:
+        if self.training and self.noise > 0:
             u = torch.rand_like(scores).clamp_(1e-6, 1 - 1e-6)
-            noisy = scores - torch.log(-torch.log(u))
+            noisy = scores - self.noise * torch.log(-torch.log(u))
         idx = noisy.masked_fill(~patch_alive, float("-inf")).topk(self.keep, dim=1).indices
         hard = torch.zeros_like(scores).scatter(1, idx, 1.0).masked_fill(special, 1.0)
         soft = torch.sigmoid(scores).masked_fill(special, 1.0)
@@ -53,7 +55,7 @@ class SoftKeep(nn.Module):
 
 
 def build_calibration_graph(
-    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module]
+    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3
 ) -> tuple[GraphModule, dict[int, SoftKeep]]:
     from ..plan import clone_graph_module
 
@@ -71,7 +73,7 @@ def build_calibration_graph(
         stream = blocks[stage].input
         scorer = scorers[stage]
         gm.add_submodule(f"spot_scorer_{stage}", scorer)
-        keepers[stage] = SoftKeep(structure.num_special, k)
+        keepers[stage] = SoftKeep(structure.num_special, k, noise)
         gm.add_submodule(f"spot_keep_{stage}", keepers[stage])
         with graph.inserting_before(stream.next):
             emitted = []
