@@ -5,9 +5,7 @@ Commands that take MODEL_FILE run that Python file to build the model: only use 
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -115,18 +113,13 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 
 
 def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
-    """Median eager latency of dense and sparse, interleaved so machine noise hits both alike."""
-    x = torch.randn(batch, *sparse.plan.input_shape[1:])
-    dense_times, sparse_times = [], []
+    """Median eager latency (seconds) of dense and sparse, interleaved so machine noise hits both alike."""
+    from .bench import _median_pair
+
     model.eval()
     with torch.no_grad():
-        for i in range(repeats + 2):
-            for fn, times in ((model, dense_times), (sparse, sparse_times)):
-                t = time.perf_counter()
-                fn(x)
-                if i >= 2:
-                    times.append(time.perf_counter() - t)
-    return statistics.median(dense_times), statistics.median(sparse_times)
+        dense_ms, sparse_ms = _median_pair((model, sparse), torch.randn(batch, *sparse.plan.input_shape[1:]), 2, repeats)
+    return dense_ms / 1e3, sparse_ms / 1e3
 
 
 @main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen). {_FILE_HELP}")
