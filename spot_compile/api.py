@@ -89,7 +89,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
     plan_stages, tokens = [], structure.tokens
     for s, k in zip(stages, keep):
         out = structure.num_special + k + int(config.fuse_pruned)
-        plan_stages.append(Stage(s, tokens, out))
+        plan_stages.append(Stage(s, tokens, out, k))
         tokens = out
     plan = SparsityPlan(config.policy, config.budget, plan_stages, dense_flops, count_flops(gm, one), tuple(example.shape))
     return SparseViT(gm, plan, sparse_structure, config)

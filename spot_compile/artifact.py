@@ -50,7 +50,7 @@ def read_checkpoint(path: str | Path, expected_format: str) -> dict:
 
 def save(sparse, model: nn.Module, path: str | Path) -> None:
     """Writes `sparse` (a SparseViT made from `model`) to `path`."""
-    config = dataclasses.replace(sparse.config, keep=tuple(s.tokens_out - sparse.structure.num_special - int(sparse.config.fuse_pruned) for s in sparse.plan.stages),
+    config = dataclasses.replace(sparse.config, keep=tuple(s.keep for s in sparse.plan.stages),
                                  stages=tuple(s.block for s in sparse.plan.stages) or sparse.config.stages)
     torch.save(
         {

@@ -54,6 +54,14 @@ def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
+def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
+    """Median eager latency (seconds) of dense and sparse at one batch size: the quick check of apply and demo."""
+    model.eval()
+    with torch.no_grad():
+        dense_ms, sparse_ms = _median_pair((model, sparse), torch.randn(batch, *sparse.plan.input_shape[1:]), 2, repeats)
+    return dense_ms / 1e3, sparse_ms / 1e3
+
+
 @torch.no_grad()
 def run_bench(model: torch.nn.Module, budgets, batches, modes=("eager", "compiled"), input_size=None, warmup: int = 3,
               repeats: int = 10, console: Console | None = None) -> list[Timing]:

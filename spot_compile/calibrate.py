@@ -60,7 +60,7 @@ def calibrate(
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
-    keep = tuple(s.tokens_out - structure.num_special for s in sparse.plan.stages)
+    keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
     run_student, run_teacher = (torch.compile(student), torch.compile(captured)) if compile else (student, captured)
     targets, alive = [], structure.tokens - structure.num_special

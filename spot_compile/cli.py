@@ -92,6 +92,7 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
 def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out, latency) -> None:
     from . import SparsifyConfig, save, sparsify
+    from .bench import quick_latency
     from .report import dump_graph, plan_table
 
     model = _load(model_file, model_name, factory)
@@ -110,16 +111,6 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     if out:
         save(sparse, model, out)
         console.print(f"sparsified model written to {out}")
-
-
-def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
-    """Median eager latency (seconds) of dense and sparse, interleaved so machine noise hits both alike."""
-    from .bench import _median_pair
-
-    model.eval()
-    with torch.no_grad():
-        dense_ms, sparse_ms = _median_pair((model, sparse), torch.randn(batch, *sparse.plan.input_shape[1:]), 2, repeats)
-    return dense_ms / 1e3, sparse_ms / 1e3
 
 
 @main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen). {_FILE_HELP}")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import sparsify
-from .cli import quick_latency
+from .bench import quick_latency
 from .config import SparsifyConfig
 from .data import FASHION_MNIST_DIR, load_dataset
 from .training import accuracy

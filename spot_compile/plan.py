@@ -20,6 +20,7 @@ class Stage:
     block: int  # pruning happens in front of this block
     tokens_in: int
     tokens_out: int  # including special tokens (and the fused token)
+    keep: int  # patch tokens kept (the static k of the prune op)
 
 
 @dataclass

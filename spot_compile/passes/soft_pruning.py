@@ -76,12 +76,10 @@ def build_calibration_graph(
         keepers[stage] = SoftKeep(structure.num_special, k, noise)
         gm.add_submodule(f"spot_keep_{stage}", keepers[stage])
         with graph.inserting_before(stream.next):
-            emitted = []
 
             def emit(target, *args, op="call_function", **kwargs):
                 node = graph.call_module(target, args, kwargs) if op == "call_module" else graph.call_function(target, args, kwargs)
                 node.meta[SPOT_TAG] = f"calibration@{stage}"
-                emitted.append(node)
                 return node
 
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
