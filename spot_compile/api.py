@@ -43,6 +43,12 @@ class SparseViT(nn.Module):
         """`torch.compile(fullgraph=True)` of the graph; batch size may vary (dynamic after the first change)."""
         return torch.compile(self.graph_module, fullgraph=True, **options)
 
+    def export(self, batch: int = 2) -> torch.export.ExportedProgram:
+        """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
+        compile it ahead of time with AOTInductor (docs/serving.md)."""
+        example = torch.randn(batch, *self.plan.input_shape[1:])
+        return torch.export.export(self.graph_module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
     @property
     def scorers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.graph_module.named_children() if n.startswith("spot_scorer_")}

@@ -12,6 +12,7 @@ from torch.export import Dim, export
 from torch.fx import GraphModule
 
 from .errors import CaptureError, InputSizeError
+from .passes.trivial_masks import remove_trivial_masks
 
 _USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
 
@@ -42,7 +43,10 @@ def _declared(model: torch.nn.Module, names: tuple[str, ...]):
 
 
 def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
-    """Exports `model` in eval mode; the returned GraphModule shares the model's parameters (no copies)."""
+    """Exports `model` in eval mode; the returned GraphModule shares the model's parameters (no copies).
+
+    Attention masks that mask nothing are removed (passes/trivial_masks.py): they would pin the token count.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -51,7 +55,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
                 model(example)
         except Exception as e:  # the model's own forward rejected the input: a size/channel mistake, not tracing
             raise InputSizeError(
-                f"the model rejects a {tuple(example.shape)} input ({_first_line(e)}); pass the right size with --input-size"
+                f"the model rejects a {tuple(example.shape)} input ({_first_line(e)}); pass the right size with --input-size "
+                "(for other than 3 input channels, give the model an `in_chans` attribute)"
             ) from e
         chatter = io.StringIO()
         try:
@@ -66,7 +71,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
             ) from e
     finally:
         model.train(was_training)
-    return program.module()
+    return remove_trivial_masks(program.module(), example)
 
 
 @contextlib.contextmanager

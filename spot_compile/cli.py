@@ -89,8 +89,11 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @click.option("--dump", is_flag=True, help="Print the rewritten graph, inserted nodes marked with +.")
 @click.option("--dump-file", type=click.Path(path_type=Path), default=None, help="Write the rewritten graph to a file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Save the sparsified model (spot_compile.load).")
+@click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
+              help="Write a self-contained torch.export program (.pt2, weights included; docs/serving.md).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
-def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out, latency) -> None:
+def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
+          export_path, latency) -> None:
     from . import SparsifyConfig, save, sparsify
     from .bench import quick_latency
     from .report import dump_graph, plan_table
@@ -111,6 +114,11 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     if out:
         save(sparse, model, out)
         console.print(f"sparsified model written to {out}")
+    if export_path:
+        import torch
+
+        torch.export.save(sparse.export(), export_path)
+        console.print(f"exported program written to {export_path} (load it with torch.export.load)")
 
 
 @main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen). {_FILE_HELP}")

@@ -51,6 +51,39 @@ def test_inspect_lists_blocks(tmp_path):
     assert "4 attention blocks found, 1 special token" in result.output
 
 
+WINDOWED_FILE = """
+import torch, torch.nn as nn
+class Windowed(nn.Module):  # Swin-like: attention inside 2x2 windows of a 4x4 token grid
+    in_chans = 1
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Conv2d(1, 16, 4, 4), nn.Linear(16, 48), nn.Linear(16, 10)
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        w = x.reshape(b, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 4, c)
+        q, k, v = self.qkv(w).chunk(3, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + a.reshape(b, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, n, c)
+        return self.head(x.mean(1))
+model = Windowed()
+"""
+ENCODER_DECODER_FILE = """
+import torch, torch.nn as nn
+class EncoderDecoder(nn.Module):
+    in_chans = 1
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 16, 4, 4)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True), 1, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, 0.0, batch_first=True), 1)
+        self.queries, self.head = nn.Parameter(torch.randn(1, 5, 16)), nn.Linear(16, 10)
+    def forward(self, x):
+        memory = self.encoder(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(self.decoder(self.queries.expand(x.shape[0], -1, -1), memory).mean(1))
+model = EncoderDecoder()
+"""
+
 BAD_INPUTS = {
     "missing file": (None, [], "model file not found"),
     "syntax error": ("def broken(:\n", [], "syntax error in"),
@@ -66,6 +99,10 @@ BAD_INPUTS = {
     "budget above one": (MODEL_FILE, ["--budget", "1.5"], "budget must be in (0, 1]"),
     "budget unreachable": (MODEL_FILE, ["--budget", "0.1", "--stages", "3"], "unreachable"),
     "stage out of range": (MODEL_FILE, ["--stages", "1,9"], "stage 9 is out of range"),
+    "windowed attention": (WINDOWED_FILE, ["--input-size", "16"], "windowed (Swin-style) attention"),
+    "encoder-decoder": (ENCODER_DECODER_FILE, ["--input-size", "16"], "cross-attention, as in an encoder-decoder"),
+    "corrupt predictors": (MODEL_FILE, ["--predictors", "CORRUPT"], "not a readable checkpoint"),
+    "calibrate, data dir missing": (MODEL_FILE, ["calibrate", "--data", "NOPE", "--out", "p.pt"], "data directory not found"),
     "untraceable": ("import torch, torch.nn as nn\nclass M(nn.Module):\n    img_size = 8\n    def forward(self, x):\n        if x.sum() > 0:\n            return x\n        return -x\nmodel = M()\n", [], "torch.export cannot capture"),
 }
 
@@ -74,11 +111,37 @@ BAD_INPUTS = {
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, case):
     body, extra, message = BAD_INPUTS[case]
     path = str(tmp_path / "absent.py") if body is None else _write(tmp_path, body)
-    result = CliRunner().invoke(main, ["apply", path, "--no-latency", *extra])
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    extra = [{"CORRUPT": str(tmp_path / "corrupt.pt"), "NOPE": str(tmp_path / "nope"), "p.pt": str(tmp_path / "p.pt")}.get(a, a) for a in extra]
+    command = [extra[0], path, *extra[1:]] if extra and extra[0] == "calibrate" else ["apply", path, "--no-latency", *extra]
+    result = CliRunner().invoke(main, command)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) <= 3
+
+
+def test_budget_that_is_not_a_number_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["apply", _write(tmp_path, MODEL_FILE), "--budget", "lots"])
+    assert result.exit_code == 2 and "Invalid value for '--budget': 'lots' is not a valid float" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_apply_exports_a_program_with_the_same_outputs(tmp_path):
+    path = _write(tmp_path, "import torch\ntorch.manual_seed(0)\n" + MODEL_FILE)  # same weights at every load
+    pt2 = tmp_path / "sparse.pt2"
+    result = _run("apply", path, "--budget", "0.6", "--export", str(pt2), "--no-latency")
+    assert result.exit_code == 0, result.output
+    from spot_compile.userfile import load_model_file
+
+    program = torch.export.load(pt2)
+    fresh = sc.sparsify(load_model_file(path), sc.SparsifyConfig(budget=0.6))
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    assert any(n.target is torch.ops.aten.topk.default for n in nodes)  # the pruning survived export
+    with torch.no_grad():
+        for batch in (1, 5):  # the batch size stays dynamic
+            x = torch.randn(batch, 1, 16, 16)
+            torch.testing.assert_close(program.module()(x), fresh(x), atol=1e-6, rtol=1e-6)
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

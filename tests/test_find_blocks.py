@@ -59,3 +59,27 @@ class WindowedViT(nn.Module):
 def test_windowed_attention_is_refused():
     with pytest.raises(StructureError, match="windowed"):
         find_blocks(capture(WindowedViT().eval(), torch.randn(2, 1, 16, 16)))
+
+
+class EncoderDecoder(nn.Module):
+    """A DETR-like model: a ViT encoder, then learned queries that cross-attend to the encoder's tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 16, 4, 4)
+        enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(enc, 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(dec, 2)
+        self.queries = nn.Parameter(torch.randn(1, 5, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        memory = self.encoder(self.embed(x).flatten(2).transpose(1, 2))
+        out = self.decoder(self.queries.expand(x.shape[0], -1, -1), memory)
+        return self.head(out.mean(1))
+
+
+def test_encoder_decoder_is_refused_at_its_cross_attention():
+    with pytest.raises(StructureError, match="cross-attention, as in an encoder-decoder"):
+        find_blocks(capture(EncoderDecoder().eval(), torch.randn(2, 1, 16, 16)))

@@ -166,12 +166,57 @@ def _check_blocks(blocks: list[Block], flow: DataFlow) -> None:
         s = shape(b.input)
         if len(s) != 3 or not isinstance(s[1], int):
             raise StructureError(f"block {b.index}: the residual stream `{b.input.name}` has shape {s}, not (batch, tokens, dim)")
+        operands = _attention_operands(b)
+        strangers = [o for o in operands if o is not b.input and b.input not in flow.ancestors(o)]
+        if strangers:
+            raise StructureError(
+                f"block {b.index}: attention `{b.attention.name}` reads keys/values (`{strangers[0].name}`) that do not "
+                "come from its own token stream: cross-attention, as in an encoder-decoder; spot-compile prunes the "
+                "self-attention blocks of encoder-only ViTs - sparsify the encoder on its own"
+            )
         core_q = shape(b.attention.args[0]) if b.kind == "sdpa" else shape(b.attention)
         if len(core_q) >= 2 and isinstance(core_q[-2], int) and core_q[-2] != s[1]:
             raise StructureError(
                 f"block {b.index}: attention runs over {core_q[-2]} tokens but the stream holds {s[1]}; windowed "
                 "(Swin-style) attention cannot drop tokens without re-partitioning windows and is not supported"
             )
+
+
+def _attention_operands(block: Block) -> list[Node]:
+    """q, k, v of an SDPA; for an explicit softmax, the operands of the score matmul and the value matmul."""
+    core = block.attention
+    if block.kind == "sdpa":
+        return [a for a in core.args[:3] if isinstance(a, Node)]
+    operands = []
+    for start, upstream in ((core, True), (core, False)):
+        matmul = _nearest(start, MATMUL_OPS, upstream)
+        if matmul is not None:
+            operands += [a for a in matmul.all_input_nodes if a is not start and not _passes_to(a, core)]
+    return operands
+
+
+def _nearest(node: Node, targets: set, upstream: bool, hops: int = 4) -> Node | None:
+    frontier = [node]
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            for m in (n.all_input_nodes if upstream else n.users):
+                if m.op == "call_function" and m.target in targets:
+                    return m
+                if m.op == "call_function" and m.target in _PASSTHROUGH:
+                    nxt.append(m)
+        frontier = nxt
+    return None
+
+
+def _passes_to(node: Node, core: Node, hops: int = 4) -> bool:
+    """`node` is the softmax itself or an element-wise successor of it (the probabilities entering the value matmul)."""
+    frontier = [core]
+    for _ in range(hops):
+        if node in frontier:
+            return True
+        frontier = [u for n in frontier for u in n.users if u.op == "call_function" and u.target in _PASSTHROUGH]
+    return node in frontier
 
 
 def _special_tokens(first: Block, flow: DataFlow) -> tuple[int, list[str]]:
