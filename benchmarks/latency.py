@@ -1,9 +1,10 @@
 """Latency of dense vs sparsified built-in models (see spot_compile.bench for how it measures).
 
-    python benchmarks/latency.py --model deit_tiny --budgets 0.6 --batches 8
-    python benchmarks/latency.py --model shipped --budgets 1.0,0.8,0.6,0.5 --batches 1,8,64
+    python benchmarks/latency.py --model deit_small                 # budgets 1.0,0.8,0.6,0.5; batches 1,8,64
+    python benchmarks/latency.py --model shipped --policy spot      # the shipped ViT with its SPOT predictors
 
-Writes docs/results/latency_<model>.{json,md}. For a model of your own: spot-compile bench mymodel.py.
+Writes docs/results/latency_<model>[_<policy>].{json,md} and speedup_<...>.png. For a model of your own:
+spot-compile bench mymodel.py.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def build(name: str) -> tuple[torch.nn.Module, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_tiny")
-    ap.add_argument("--budgets", default="0.6")
-    ap.add_argument("--batches", default="8")
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--budgets", default="1.0,0.8,0.6,0.5")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--modes", default="eager,compiled,frozen")
+    ap.add_argument("--policy", default="class-attention", choices=["class-attention", "random", "spot"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
@@ -41,9 +43,17 @@ def main() -> None:
     torch.manual_seed(0)
     console = Console()
     model, size = build(args.model)
+    config = {"policy": args.policy}
+    if args.policy == "spot":
+        if args.model != "shipped":
+            ap.error("--policy spot needs calibrated predictors: only the shipped model has them")
+        from spot_compile.zoo import SHIPPED_PREDICTORS
+
+        config["predictors"] = str(SHIPPED_PREDICTORS)
     rows = run_bench(model, [float(b) for b in args.budgets.split(",")], [int(b) for b in args.batches.split(",")],
-                     tuple(args.modes.split(",")), size, args.warmup, args.repeats, console)
-    report(rows, args.model, args.out_dir, console, args.repeats, args.warmup)
+                     tuple(args.modes.split(",")), size, args.warmup, args.repeats, console, config)
+    name = args.model if args.policy == "class-attention" else f"{args.model}_{args.policy}"
+    report(rows, name, args.out_dir, console, args.repeats, args.warmup, args.policy)
 
 
 if __name__ == "__main__":

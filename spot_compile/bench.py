@@ -2,16 +2,21 @@
 
 Runs are interleaved (dense, sparse, dense, ...) so machine noise hits both alike; each figure is the median of
 `repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
-speedup reaches the FLOPs limit).
+speedup reaches the FLOPs limit). Modes: "eager" (the model itself vs the sparse GraphModule), "compiled"
+(`torch.compile`, Inductor defaults) and "frozen" (the same with Inductor's weight freezing, which constant-folds and
+pre-packs the weights: inference only).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import platform
-import resource
+import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from rich.table import Table
 
 from .api import sparsify
 from .config import SparsifyConfig
+from .plan import clone_graph_module
+
+MODES = ("eager", "compiled", "frozen")
 
 
 @dataclass
@@ -32,7 +40,8 @@ class Timing:
     dense_ms: float
     sparse_ms: float
     flops_ratio: float
-    peak_rss_mb: float
+    dense_peak_mb: float | None = None
+    sparse_peak_mb: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -41,6 +50,10 @@ class Timing:
     @property
     def efficiency(self) -> float:
         return self.speedup * self.flops_ratio
+
+    @property
+    def sparse_images_per_s(self) -> float:
+        return self.batch / self.sparse_ms * 1e3
 
 
 def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
@@ -62,55 +75,166 @@ def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int =
     return dense_ms / 1e3, sparse_ms / 1e3
 
 
+_LIBC = ctypes.CDLL(None) if platform.system() == "Linux" else None
+
+
+def _rss_mb(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def peak_memory_mb(fn: Callable, x: torch.Tensor, tries: int = 3) -> float | None:
+    """Peak resident memory a call of `fn(x)` adds to the process, in MB (Linux; None elsewhere).
+
+    Returns freed heap to the OS (`malloc_trim`), resets the kernel's high-water mark (`/proc/self/clear_refs` 5),
+    runs `fn`, and reads VmHWM - VmRSS before. This sees every allocation, eager or Inductor's own buffers, which
+    torch's profiler does not. Median of `tries` calls.
+    """
+    if _LIBC is None:
+        return None
+    peaks = []
+    for _ in range(tries):
+        _LIBC.malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return None
+        base = _rss_mb("VmRSS")
+        fn(x)
+        peaks.append(_rss_mb("VmHWM") - base)
+    return statistics.median(peaks)
+
+
+def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
+    """Both graphs under `torch.compile` in `mode`, specialised to the example's batch size (as a server with a
+    fixed batch would run them) and compiled now, so that timing excludes compilation."""
+    torch._dynamo.reset()
+    fns = []
+    with torch._inductor.config.patch(freezing=mode == "frozen"):
+        for graph in (dense.graph_module, sparse.graph_module):
+            # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980; with freezing it drops
+            # sym_size nodes), which breaks the next compile of the same module.
+            fn = torch.compile(clone_graph_module(graph), fullgraph=True, dynamic=False)
+            fn(example)
+            fns.append(fn)
+    return fns[0], fns[1]
+
+
 @torch.no_grad()
-def run_bench(model: torch.nn.Module, budgets, batches, modes=("eager", "compiled"), input_size=None, warmup: int = 3,
-              repeats: int = 10, console: Console | None = None) -> list[Timing]:
+def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=None, warmup: int = 3,
+              repeats: int = 10, console: Console | None = None, config: dict | None = None) -> list[Timing]:
+    """Times dense vs sparse for every budget x mode x batch; `config` holds extra SparsifyConfig fields (policy...)."""
     console = console or Console()
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     model.eval()
     dense = sparsify(model, SparsifyConfig(budget=1.0, input_size=input_size))
+    shape = dense.plan.input_shape[1:]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(budgets) * len(batches) * len(modes))
         for budget in budgets:
-            sparse = sparsify(model, SparsifyConfig(budget=budget, input_size=input_size))
+            sparse = sparsify(model, SparsifyConfig(budget=budget, input_size=input_size, **(config or {})))
             for mode in modes:
-                if mode == "compiled":
-                    torch._dynamo.reset()
-                    fns = (dense.compile(), sparse.compile())
-                else:
-                    fns = (model, sparse)
+                progress.update(task, description=f"budget {budget} {mode}")
                 for batch in batches:
-                    x = torch.randn(batch, *dense.plan.input_shape[1:])
+                    x = torch.randn(batch, *shape)
+                    fns = (model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x)
                     d, s = _median_pair(fns, x, warmup, repeats)
-                    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                    rows.append(Timing(budget, mode, batch, d, s, sparse.plan.flops_ratio, rss))
+                    rows.append(Timing(budget, mode, batch, d, s, sparse.plan.flops_ratio,
+                                       peak_memory_mb(fns[0], x), peak_memory_mb(fns[1], x)))
                     progress.advance(task)
     return rows
 
 
-COLUMNS = ("budget", "mode", "batch", "dense ms", "sparse ms", "speedup", "FLOPs ratio", "speedup x FLOPs ratio")
+COLUMNS = ("budget", "mode", "batch", "dense ms", "sparse ms", "speedup", "FLOPs ratio", "speedup x FLOPs ratio",
+           "sparse img/s", "peak MB dense / sparse")
 
 
 def _cells(r: Timing) -> list[str]:
+    mem = "-" if r.dense_peak_mb is None else f"{r.dense_peak_mb:.0f} / {r.sparse_peak_mb:.0f}"
     return [str(r.budget), r.mode, str(r.batch), f"{r.dense_ms:.1f}", f"{r.sparse_ms:.1f}", f"{r.speedup:.2f}x",
-            f"{r.flops_ratio:.3f}", f"{r.efficiency:.2f}"]
+            f"{r.flops_ratio:.3f}", f"{r.efficiency:.2f}", f"{r.sparse_images_per_s:.0f}", mem]
 
 
-def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console, repeats: int, warmup: int) -> None:
-    table = Table(title=f"{name}: median latency of {repeats} runs after {warmup} warm-up, dense and sparse interleaved")
+def best_paths(rows: list[Timing]) -> list[dict]:
+    """Per budget and batch: the fastest mode for dense and for sparse, and the speedup between those two."""
+    out = []
+    for key in sorted({(r.budget, r.batch) for r in rows}):
+        group = [r for r in rows if (r.budget, r.batch) == key]
+        d = min(group, key=lambda r: r.dense_ms)
+        s = min(group, key=lambda r: r.sparse_ms)
+        out.append({"budget": key[0], "batch": key[1], "dense_mode": d.mode, "dense_ms": d.dense_ms,
+                    "sparse_mode": s.mode, "sparse_ms": s.sparse_ms, "speedup": d.dense_ms / s.sparse_ms,
+                    "flops_ratio": s.flops_ratio, "efficiency": d.dense_ms / s.sparse_ms * s.flops_ratio})
+    return out
+
+
+def save_speedup_plot(rows: list[Timing], path: Path, title: str) -> None:
+    """Speedup vs budget, one line per mode and batch, with the FLOPs limit (dense / sparse FLOPs) drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    limit = sorted({(r.budget, 1 / r.flops_ratio) for r in rows})
+    ax.plot([b for b, _ in limit], [v for _, v in limit], "k--", lw=2, label="FLOPs limit")
+    for mode in dict.fromkeys(r.mode for r in rows):
+        for batch in sorted({r.batch for r in rows if r.mode == mode}):
+            pts = sorted((r.budget, r.speedup) for r in rows if r.mode == mode and r.batch == batch)
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=f"{mode}, batch {batch}")
+    ax.set_xlabel("budget (target fraction of dense FLOPs)")
+    ax.set_ylabel("speedup (dense ms / sparse ms, same mode)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console, repeats: int, warmup: int,
+           policy: str = "class-attention") -> None:
+    table = Table(title=f"{name} ({policy}): median latency of {repeats} runs after {warmup} warm-up, dense and sparse interleaved")
     for c in COLUMNS:
         table.add_column(c)
     for r in rows:
         table.add_row(*_cells(r))
     console.print(table)
+    best = best_paths(rows)
+    best_table = Table(title="fastest path: best dense mode vs best sparse mode")
+    for c in ("budget", "batch", "dense", "sparse", "speedup", "x FLOPs ratio"):
+        best_table.add_column(c)
+    for b in best:
+        best_table.add_row(str(b["budget"]), str(b["batch"]), f"{b['dense_mode']} {b['dense_ms']:.1f} ms",
+                           f"{b['sparse_mode']} {b['sparse_ms']:.1f} ms", f"{b['speedup']:.2f}x", f"{b['efficiency']:.2f}")
+    console.print(best_table)
     if out_dir is None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"model": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    data = {**meta, "rows": [{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency} for r in rows]}
+    meta = {"model": name, "policy": policy, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": "cpu", "cpu": _cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+            "repeats": repeats, "warmup": warmup}
+    data = {**meta, "rows": [{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency,
+                              "sparse_images_per_s": r.sparse_images_per_s} for r in rows], "best": best}
     (out_dir / f"latency_{name}.json").write_text(json.dumps(data, indent=2))
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    (out_dir / f"latency_{name}.md").write_text(
-        f"{name}, CPU, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}\n\n" + "\n".join(md) + "\n")
-    console.print(f"wrote {out_dir}/latency_{name}.json and .md")
+    md += ["", "Fastest path (best dense mode vs best sparse mode):", "",
+           "| budget | batch | dense | sparse | speedup | speedup x FLOPs ratio |", "|---|---|---|---|---|---|"]
+    md += [f"| {b['budget']} | {b['batch']} | {b['dense_mode']} {b['dense_ms']:.1f} ms | {b['sparse_mode']} {b['sparse_ms']:.1f} ms "
+           f"| {b['speedup']:.2f}x | {b['efficiency']:.2f} |" for b in best]
+    header = (f"{name}, policy {policy}, {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}; "
+              f"median of {repeats} after {warmup} warm-up; peak MB = resident memory one forward adds\n\n")
+    (out_dir / f"latency_{name}.md").write_text(header + "\n".join(md) + "\n")
+    save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), CPU {meta['threads']} threads")
+    console.print(f"wrote {out_dir}/latency_{name}.json, .md and speedup_{name}.png")
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"

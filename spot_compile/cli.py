@@ -163,13 +163,18 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
 @main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")
 @model_options
 @click.option("--budgets", default="1.0,0.8,0.6,0.5", show_default=True)
-@click.option("--batches", default="1,8", show_default=True)
-@click.option("--modes", default="eager,compiled", show_default=True)
+@click.option("--batches", default="1,8,64", show_default=True)
+@click.option("--modes", default="eager,compiled,frozen", show_default=True,
+              help="eager; compiled (torch.compile); frozen (torch.compile with Inductor weight freezing).")
+@click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
+              help="Token scorer (default: spot with --predictors, else class-attention).")
+@click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
 @click.option("--repeats", type=int, default=10, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Write latency_<file>.json and .md here.")
-def bench(model_file, model_name, factory, input_size, budgets, batches, modes, repeats, warmup, out_dir) -> None:
-    from .bench import report, run_bench
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Write latency_<file>.json, .md and speedup_<file>.png here.")
+def bench(model_file, model_name, factory, input_size, budgets, batches, modes, policy, predictors, repeats, warmup, out_dir) -> None:
+    from .bench import MODES, report, run_bench
     from .config import SparsifyConfig
 
     try:
@@ -177,11 +182,16 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
         batch_list = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
+    mode_list = tuple(m.strip() for m in modes.split(","))
+    if set(mode_list) - set(MODES):
+        raise click.BadParameter(f"modes are {', '.join(MODES)}; got {modes}", param_hint="--modes")
     for b in budget_list:
         SparsifyConfig(budget=b)
+    policy = policy or ("spot" if predictors else "class-attention")
+    config = {"policy": policy, "predictors": str(predictors) if predictors else None}
     model = _load(model_file, model_name, factory)
-    rows = run_bench(model, budget_list, batch_list, tuple(modes.split(",")), input_size, warmup, repeats, console)
-    report(rows, model_file.stem, out_dir, console, repeats, warmup)
+    rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)
+    report(rows, model_file.stem, out_dir, console, repeats, warmup, policy)
 
 
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")
