@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-import spot_compile as sc
-from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset, normalize
-from spot_compile.predictors import SIGNALS
-from spot_compile.training import accuracy
-from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a folder of scripts, not installed
+import spot_compile as sc  # noqa: E402
+from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset, normalize  # noqa: E402
+from spot_compile.predictors import SIGNALS  # noqa: E402
+from spot_compile.training import accuracy  # noqa: E402
+from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
+from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 1.0)
 

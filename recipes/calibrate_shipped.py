@@ -3,7 +3,7 @@
     python recipes/calibrate_shipped.py                      # -> spot_compile/assets/fmnist_spot_predictors.pt
     python recipes/calibrate_shipped.py --signals embedding,interaction --out runs/ablation/no-dynamics.pt
 
-Backbone frozen; 5k images of the training split are held out for validation; the test split is not touched.
+Backbone frozen unless --finetune; 5k images of the training split are held out for validation; the test split is not touched.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ LR = 3e-3
 
 
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, budget: float = 0.6, steps: int = STEPS,
-                      data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR):
+                      data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
+                      finetune: bool = False, backbone_lr: float = 1e-4):
     model, _ = load_shipped_model()
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
     return calibrate(model, train, val, budget, epochs=1, max_steps=steps, predictor=PredictorConfig(signals=signals),
-                     out=out, console=console, noise=noise, lr=lr)
+                     out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr)
 
 
 def main() -> None:
@@ -42,8 +43,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--noise", type=float, default=NOISE, help="scale of the Gumbel exploration noise")
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--finetune", action="store_true", help="tune the backbone too (its weights go into the checkpoint)")
+    ap.add_argument("--backbone-lr", type=float, default=1e-4)
     args = ap.parse_args()
-    calibrate_shipped(args.out, tuple(args.signals.split(",")), args.budget, args.steps, args.data, noise=args.noise, lr=args.lr)
+    calibrate_shipped(args.out, tuple(args.signals.split(",")), args.budget, args.steps, args.data, noise=args.noise, lr=args.lr,
+                      finetune=args.finetune, backbone_lr=args.backbone_lr)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -14,8 +15,12 @@ from .errors import BudgetError, InputSizeError
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, solve_keep
-from .predictors import load_predictor_checkpoint
+from .predictors import load_predictor_checkpoint, with_tuned_backbone
 from .scorers import ClassAttentionScorer, RandomScorer
+
+logger = logging.getLogger("spot_compile")
+# Inductor weight freezing for SparseViT.compile(): chosen by measurement (docs/performance.md).
+FREEZING = True
 
 
 class SparseViT(nn.Module):
@@ -30,6 +35,7 @@ class SparseViT(nn.Module):
         self.plan = plan
         self.config = config
         self.structure = structure
+        self.compile_choice: dict | None = None  # set by compile(verify=True)
 
     def forward(self, x: torch.Tensor):
         if tuple(x.shape[1:]) != self.plan.input_shape[1:]:
@@ -39,9 +45,34 @@ class SparseViT(nn.Module):
             )
         return self.graph_module(x)
 
-    def compile(self, **options) -> Callable:
-        """`torch.compile(fullgraph=True)` of the graph; batch size may vary (dynamic after the first change)."""
-        return torch.compile(self.graph_module, fullgraph=True, **options)
+    def compile(self, *, freezing: bool = FREEZING, verify: bool = True, batch: int = 8, **options) -> Callable:
+        """`torch.compile(fullgraph=True)` of the graph, with the options chosen by measurement (docs/performance.md).
+
+        `freezing` turns on Inductor's weight freezing (inference only: later changes to the weights are not seen).
+        With `verify`, the compiled graph is timed against the eager one on a random batch of `batch` images (median of
+        5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower than eager; the
+        timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager wins.
+        Batch size may vary (dynamic after the first change).
+        """
+        from .bench import _median_pair
+        from .plan import clone_graph_module
+
+        # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980), and this one is reused.
+        with torch._inductor.config.patch(freezing=freezing):
+            compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
+            if not verify:
+                return compiled
+            x = torch.randn(batch, *self.plan.input_shape[1:])
+            with torch.no_grad():
+                compiled(x)  # compiles now, outside the timing
+                eager_ms, compiled_ms = _median_pair((self.graph_module, compiled), x, warmup=2, repeats=5)
+        chosen = "compiled" if compiled_ms <= eager_ms else "eager"
+        self.compile_choice = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "batch": batch, "chosen": chosen}
+        if chosen == "eager":
+            logger.warning("torch.compile is slower than eager for this model (%.1f ms vs %.1f ms at batch %d); "
+                           "returning the eager graph", compiled_ms, eager_ms, batch)
+            return self.graph_module
+        return compiled
 
     def export(self, batch: int = 2) -> torch.export.ExportedProgram:
         """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
@@ -57,11 +88,14 @@ class SparseViT(nn.Module):
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers: dict[int, nn.Module] | None = None) -> SparseViT:
     """Captures `model` with torch.export, finds its attention blocks and prunes tokens to meet `config.budget`.
 
-    The model's own parameters are used, not copied. Raises a `SpotError` subclass, with a message that says what
+    The model's own parameters are used, not copied (except with predictors calibrated with a tuned backbone: then
+    a copy of the model carries that backbone, and `model` is left as it was). Raises a `SpotError` subclass, with a message that says what
     to change, for any input it cannot handle. `scorers` (stage -> module) overrides the policy's scorers; the
     calibration recipe uses it to evaluate predictors while it trains them.
     """
     config = config or SparsifyConfig()
+    if scorers is None and config.policy == "spot" and config.predictors is not None:
+        model = with_tuned_backbone(model, config.predictors)
     example = example_input(model, config.input_size)
     captured = capture(model, example)
     structure = find_blocks(captured)

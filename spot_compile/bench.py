@@ -1,7 +1,7 @@
 """Latency of dense vs sparsified models, eager and compiled, measured as ratios in one run.
 
-Runs are interleaved (dense, sparse, dense, ...) so machine noise hits both alike; each figure is the median of
-`repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
+Runs are interleaved (for one budget and batch: dense and sparse of every mode, round-robin) so machine noise hits
+them all alike; each figure is the median of `repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
 speedup reaches the FLOPs limit). Modes: "eager" (the model itself vs the sparse GraphModule), "compiled"
 (`torch.compile`, Inductor defaults) and "frozen" (the same with Inductor's weight freezing, which constant-folds and
 pre-packs the weights: inference only).
@@ -56,15 +56,21 @@ class Timing:
         return self.batch / self.sparse_ms * 1e3
 
 
-def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
-    times = ([], [])
+def _medians(fns, x, warmup: int, repeats: int) -> list[float]:
+    """Median ms of each callable, the callables run round-robin so that machine noise hits them all alike."""
+    times = [[] for _ in fns]
     for i in range(warmup + repeats):
         for fn, acc in zip(fns, times):
             t = time.perf_counter()
             fn(x)
             if i >= warmup:
                 acc.append(time.perf_counter() - t)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
+    a, b = _medians(fns, x, warmup, repeats)
+    return a, b
 
 
 def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
@@ -107,7 +113,6 @@ def peak_memory_mb(fn: Callable, x: torch.Tensor, tries: int = 3) -> float | Non
 def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
     """Both graphs under `torch.compile` in `mode`, specialised to the example's batch size (as a server with a
     fixed batch would run them) and compiled now, so that timing excludes compilation."""
-    torch._dynamo.reset()
     fns = []
     with torch._inductor.config.patch(freezing=mode == "frozen"):
         for graph in (dense.graph_module, sparse.graph_module):
@@ -135,14 +140,18 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
         task = progress.add_task("timing", total=len(budgets) * len(batches) * len(modes))
         for budget in budgets:
             sparse = sparsify(model, SparsifyConfig(budget=budget, input_size=input_size, **(config or {})))
-            for mode in modes:
-                progress.update(task, description=f"budget {budget} {mode}")
-                for batch in batches:
-                    x = torch.randn(batch, *shape)
-                    fns = (model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x)
-                    d, s = _median_pair(fns, x, warmup, repeats)
-                    rows.append(Timing(budget, mode, batch, d, s, sparse.plan.flops_ratio,
-                                       peak_memory_mb(fns[0], x), peak_memory_mb(fns[1], x)))
+            for batch in batches:
+                # Every mode of this budget and batch is timed in one round-robin loop, so that modes compare with
+                # each other (compiled vs eager) as fairly as dense compares with sparse.
+                progress.update(task, description=f"budget {budget} batch {batch}: compiling")
+                x = torch.randn(batch, *shape)
+                torch._dynamo.reset()  # drop the previous batch's compiled graphs
+                pairs = [(model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x) for mode in modes]
+                progress.update(task, description=f"budget {budget} batch {batch}: timing")
+                ms = _medians([fn for pair in pairs for fn in pair], x, warmup, repeats)
+                for i, (mode, (d_fn, s_fn)) in enumerate(zip(modes, pairs)):
+                    rows.append(Timing(budget, mode, batch, ms[2 * i], ms[2 * i + 1], sparse.plan.flops_ratio,
+                                       peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x)))
                     progress.advance(task)
     return rows
 

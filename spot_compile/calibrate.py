@@ -3,12 +3,15 @@
 Loss = cross-entropy on labels + 0.5 * KL(dense teacher || sparse student) on logits
        + 2 * sum over stages of (mean keep probability - stage target)^2.
 The student is the calibration graph (`passes.soft_pruning`): the same stages and static keep counts as inference,
-with a straight-through top-k mask and masked attention. The backbone stays frozen; only predictors learn.
-Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
+with a straight-through top-k mask and masked attention. By default the backbone stays frozen and only the
+predictors learn; with `finetune` the backbone learns too (at `backbone_lr`), against a frozen copy of the dense
+model as teacher, so that it adapts to seeing fewer tokens. The tuned backbone then travels in the predictor
+checkpoint. Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,33 +45,44 @@ def calibrate(
     model: nn.Module, train: ImageSet, val: ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
     epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
-    input_size: int | None = None, compile: bool = True, noise: float = 0.3,
+    input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
+    backbone_lr: float = 1e-4,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
     `compile` runs the calibration graph and the teacher under torch.compile: measured on 2 CPU cores, a step of the
     shipped model at batch 128 drops from ~15 s to ~3 s (Inductor fuses the masked softmax and the descriptor
     reductions, which dominate in eager), for a one-time compile of ~2 minutes.
+    With `finetune`, `model`'s own parameters are updated in place.
     """
     console = console or Console()
     torch.manual_seed(seed)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    captured = capture(model, example_input(model, input_size))
+    example = example_input(model, input_size)
+    # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
+    teacher = capture(copy.deepcopy(model), example) if finetune else None
+    captured = capture(model, example)
     structure = find_blocks(captured)
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
-    run_student, run_teacher = (torch.compile(student), torch.compile(captured)) if compile else (student, captured)
+    teacher = teacher if teacher is not None else captured
+    run_student, run_teacher = (torch.compile(student), torch.compile(teacher)) if compile else (student, teacher)
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
         targets.append(k / alive)
         alive = k
-    params = [p for m in predictors.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    groups = [{"params": [p for m in predictors.values() for p in m.parameters()], "base_lr": lr}]
+    if finetune:
+        backbone = list(model.parameters())
+        for p in backbone:
+            p.requires_grad_(True)
+        groups.append({"params": backbone, "base_lr": backbone_lr})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train) // batch_size  # full batches only: a ragged last batch would recompile
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
@@ -78,6 +92,8 @@ def calibrate(
         state = torch.load(partial, weights_only=False)
         for s, m in predictors.items():
             m.load_state_dict(state["predictors"][s])
+        if finetune:
+            model.load_state_dict(state["backbone"])
         opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
         history, start_epoch, step = state["history"], state["epoch"], state["step"]
         console.print(f"resuming calibration from epoch {start_epoch}")
@@ -97,7 +113,7 @@ def calibrate(
                 if step >= total or len(y) < batch_size:
                     break
                 for g in opt.param_groups:
-                    g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=lr)
+                    g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=g["base_lr"])
                 x = augment(x, gen)
                 with torch.no_grad():
                     teacher = run_teacher(x)
@@ -121,9 +137,13 @@ def calibrate(
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
             if partial:
                 torch.save({"predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
+                            "backbone": model.state_dict() if finetune else None,
                             "gen": gen.get_state(), "history": history, "epoch": epoch + 1, "step": step}, partial)
     seconds = time.time() - t0
-    table = Table(title=f"calibration: budget {budget}, stages {list(stages)}, keep {list(keep)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tuned = "backbone tuned" if finetune else "backbone frozen"
+    table = Table(title=f"calibration: budget {budget}, stages {list(stages)}, keep {list(keep)}, {tuned}")
     for col in ("epoch", "loss", "CE", "KL", "keep-ratio", "val top-1 % (pruned)"):
         table.add_column(col)
     for r in history:
@@ -131,7 +151,8 @@ def calibrate(
     console.print(table)
     console.print(f"calibration took {seconds:.0f} s")
     ckpt = PredictorCheckpoint(predictors, tuple(stages), budget, predictor,
-                               {"history": history, "seconds": seconds, "keep": list(keep)})
+                               {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune},
+                               backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
     if out:
         save_predictors(out, ckpt, model, structure)
         if partial:

@@ -121,7 +121,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
         console.print(f"exported program written to {export_path} (load it with torch.export.load)")
 
 
-@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen). {_FILE_HELP}")
+@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {_FILE_HELP}")
 @model_options
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
@@ -137,9 +137,12 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
+@click.option("--freeze-backbone/--finetune", default=True, show_default=True,
+              help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
+@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, val_size, seed, no_compile, out) -> None:
+              noise, signals, val_size, seed, no_compile, freeze_backbone, backbone_lr, out) -> None:
     from .calibrate import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -156,7 +159,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         raise click.BadParameter(str(e), param_hint="--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
-        noise=noise)
+        noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

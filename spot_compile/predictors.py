@@ -11,6 +11,7 @@ judged relative to the image. Any signal can be switched off for the ablation st
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -80,6 +81,7 @@ class PredictorCheckpoint:
     budget: float
     config: PredictorConfig
     metrics: dict = field(default_factory=dict)
+    backbone: dict[str, torch.Tensor] | None = None  # the model's state dict when calibrated with --finetune
 
 
 def save_predictors(path, ckpt: PredictorCheckpoint, model: nn.Module, structure: ModelStructure) -> None:
@@ -92,6 +94,7 @@ def save_predictors(path, ckpt: PredictorCheckpoint, model: nn.Module, structure
             "fingerprint": fingerprint(model, structure),
             "state": {str(s): p.state_dict() for s, p in ckpt.predictors.items()},
             "metrics": json.dumps(ckpt.metrics),
+            "backbone": ckpt.backbone,
         },
         path,
     )
@@ -110,4 +113,19 @@ def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure)
     for s, p in predictors.items():
         p.load_state_dict(data["state"][str(s)])
         p.eval()
-    return PredictorCheckpoint(predictors, stages, data["budget"], config, json.loads(data["metrics"]))
+    return PredictorCheckpoint(predictors, stages, data["budget"], config, json.loads(data["metrics"]), data.get("backbone"))
+
+
+def with_tuned_backbone(model: nn.Module, path) -> nn.Module:
+    """`model` itself, or, when the checkpoint at `path` was calibrated with a tuned backbone, a copy of `model`
+    carrying that backbone (the user's model is left as it was)."""
+    backbone = read_checkpoint(path, FORMAT).get("backbone")
+    if backbone is None:
+        return model
+    tuned = copy.deepcopy(model)
+    try:
+        tuned.load_state_dict(backbone)
+    except RuntimeError:
+        raise CheckpointError(f"{path} was calibrated for a different model (its tuned backbone does not fit this one); "
+                              "calibrate predictors for this model") from None
+    return tuned

@@ -20,3 +20,22 @@ def test_fullgraph_compile_no_recompiles_and_same_outputs():
         torch.testing.assert_close(first, sparse(x), atol=1e-4, rtol=1e-4)
     assert counter.frame_count == 1  # fullgraph=True would have raised on a graph break
     assert again.shape == (4, 10)
+
+
+def test_compile_never_hands_back_something_slower_than_eager(monkeypatch, caplog):
+    import spot_compile.bench as bench
+
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
+    x = torch.randn(2, 1, 16, 16)
+    torch._dynamo.reset()
+    fast = sparse.compile(batch=4)
+    assert sparse.compile_choice["chosen"] in ("compiled", "eager") and sparse.compile_choice["eager_ms"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), sparse(x), atol=1e-4, rtol=1e-4)
+    # where Inductor loses, the eager graph comes back, and the user is told
+    monkeypatch.setattr(bench, "_median_pair", lambda fns, x, warmup, repeats: (1.0, 2.0))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="spot_compile"):
+        slow_compile = sparse.compile(batch=4)
+    assert slow_compile is sparse.graph_module and sparse.compile_choice["chosen"] == "eager"
+    assert "slower than eager" in caplog.text

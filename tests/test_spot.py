@@ -69,3 +69,21 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path):
         sc.sparsify(small_vit(dim=48), sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
     with pytest.raises(CheckpointError, match="needs calibrated predictors"):
         sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"))
+
+
+def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path):
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    data = ImageSet(torch.rand(128, 1, 16, 16), torch.randint(0, 10, (128,)), tuple("0123456789"))
+    out = tmp_path / "pred.pt"
+    result = calibrate(model, data, data.subset(torch.arange(32)), budget=0.6, epochs=2, batch_size=32, lr=5e-3,
+                       out=out, predictor=PredictorConfig(hidden=16), compile=False, finetune=True, backbone_lr=1e-3)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "blocks.0.attn.qkv.weight" in changed and not any(p.requires_grad for p in model.parameters())
+    fresh = small_vit()  # the same initial weights as `model` had
+    loaded = sc.sparsify(fresh, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.sparse(x))
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # the user's model is untouched
