@@ -19,8 +19,9 @@ from .predictors import load_predictor_checkpoint, with_tuned_backbone
 from .scorers import ClassAttentionScorer, RandomScorer
 
 logger = logging.getLogger("spot_compile")
-# Inductor weight freezing for SparseViT.compile(): chosen by measurement (docs/performance.md).
-FREEZING = True
+# Inductor weight freezing for SparseViT.compile(): off, by measurement (docs/performance.md: no speed gain on
+# DeiT-S at batch 1/8/64, and frozen weights would not see later changes to the model).
+FREEZING = False
 
 
 class SparseViT(nn.Module):
