@@ -31,7 +31,7 @@ def measure(name: str) -> dict:
     dense = sc.sparsify(model, sc.SparsifyConfig(budget=1.0, input_size=INPUT_SIZE))
     sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, input_size=INPUT_SIZE, stages=(1, 2, 3)))
     torch._dynamo.reset()
-    compiled = sparse.compile(verify=False)
+    compiled = sparse.compile(verify=False, batch=len(x))
     with torch.no_grad():
         diff_dense = (logits(dense(x)) - logits(model(x))).abs().max().item()
         diff_compiled = (logits(compiled(x)) - logits(sparse(x))).abs().max().item()

@@ -49,24 +49,27 @@ class SparseViT(nn.Module):
     def compile(self, *, freezing: bool = FREEZING, verify: bool = True, batch: int = 8, **options) -> Callable:
         """`torch.compile(fullgraph=True)` of the graph, with the options chosen by measurement (docs/performance.md).
 
-        `freezing` turns on Inductor's weight freezing (inference only: later changes to the weights are not seen).
-        With `verify`, the compiled graph is timed against the eager one on a random batch of `batch` images (median of
-        5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower than eager; the
-        timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager wins.
-        Batch size may vary (dynamic after the first change).
+        The graph is compiled before this returns, on a random batch of `batch` images. `freezing` turns on Inductor's
+        weight freezing for that compile (inference only: later changes to the weights are not seen; a recompile for
+        another batch size is not frozen). With `verify`, the compiled graph is then timed against the eager one on
+        that batch (median of 5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower
+        than eager; the timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager
+        wins. Batch size may vary (dynamic after the first change).
         """
         from .bench import _median_pair
         from .plan import clone_graph_module
 
         # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980), and this one is reused.
-        with torch._inductor.config.patch(freezing=freezing):
-            compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
-            if not verify:
-                return compiled
-            x = torch.randn(batch, *self.plan.input_shape[1:])
-            with torch.no_grad():
-                compiled(x)  # compiles now, outside the timing
-                eager_ms, compiled_ms = _median_pair((self.graph_module, compiled), x, warmup=2, repeats=5)
+        compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
+        x = torch.randn(batch, *self.plan.input_shape[1:])
+        # Compiled now, on a batch of `batch`: Inductor reads `freezing` when it compiles, not when torch.compile is
+        # called (passing it in torch.compile's `options` was measured not to freeze), and freezing needs no_grad.
+        with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
+            compiled(x)
+        if not verify:
+            return compiled
+        with torch.no_grad():
+            eager_ms, compiled_ms = _median_pair((self.graph_module, compiled), x, warmup=2, repeats=5)
         chosen = "compiled" if compiled_ms <= eager_ms else "eager"
         self.compile_choice = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "batch": batch, "chosen": chosen}
         if chosen == "eager":

@@ -27,7 +27,6 @@ from rich.table import Table
 
 from .api import sparsify
 from .config import SparsifyConfig
-from .plan import clone_graph_module
 
 MODES = ("eager", "compiled", "frozen")
 
@@ -113,15 +112,9 @@ def peak_memory_mb(fn: Callable, x: torch.Tensor, tries: int = 3) -> float | Non
 def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
     """Both graphs under `torch.compile` in `mode`, specialised to the example's batch size (as a server with a
     fixed batch would run them) and compiled now, so that timing excludes compilation."""
-    fns = []
-    with torch._inductor.config.patch(freezing=mode == "frozen"):
-        for graph in (dense.graph_module, sparse.graph_module):
-            # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980; with freezing it drops
-            # sym_size nodes), which breaks the next compile of the same module.
-            fn = torch.compile(clone_graph_module(graph), fullgraph=True, dynamic=False)
-            fn(example)
-            fns.append(fn)
-    return fns[0], fns[1]
+    dense_fn, sparse_fn = (g.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example))
+                           for g in (dense, sparse))
+    return dense_fn, sparse_fn
 
 
 @torch.no_grad()

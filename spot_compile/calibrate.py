@@ -61,17 +61,16 @@ def calibrate(
     for p in model.parameters():
         p.requires_grad_(False)
     example = example_input(model, input_size)
-    # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
-    teacher = capture(copy.deepcopy(model), example) if finetune else None
     captured = capture(model, example)
+    # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
+    teacher_graph = capture(copy.deepcopy(model), example) if finetune else captured
     structure = find_blocks(captured)
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
-    teacher = teacher if teacher is not None else captured
-    run_student, run_teacher = (torch.compile(student), torch.compile(teacher)) if compile else (student, teacher)
+    run_student, run_teacher = (torch.compile(student), torch.compile(teacher_graph)) if compile else (student, teacher_graph)
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
         targets.append(k / alive)

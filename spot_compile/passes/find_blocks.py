@@ -104,19 +104,7 @@ def _is_explicit_softmax(node: Node) -> bool:
 
 
 def _reaches(node: Node, targets: set, upstream: bool, hops: int = 4) -> bool:
-    frontier = [node]
-    for _ in range(hops):
-        nxt = []
-        for n in frontier:
-            for m in (n.all_input_nodes if upstream else n.users):
-                if m.op != "call_function":
-                    continue
-                if m.target in targets:
-                    return True
-                if m.target in _PASSTHROUGH:
-                    nxt.append(m)
-        frontier = nxt
-    return False
+    return _nearest(node, targets, upstream, hops) is not None
 
 
 def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
@@ -196,6 +184,7 @@ def _attention_operands(block: Block) -> list[Node]:
 
 
 def _nearest(node: Node, targets: set, upstream: bool, hops: int = 4) -> Node | None:
+    """The first node with a target in `targets` within `hops` steps, walking only through element-wise ops."""
     frontier = [node]
     for _ in range(hops):
         nxt = []
