@@ -3,7 +3,8 @@
     python recipes/calibrate_shipped.py                      # -> spot_compile/assets/fmnist_spot_predictors.pt
     python recipes/calibrate_shipped.py --signals embedding,interaction --out runs/ablation/no-dynamics.pt
 
-Backbone frozen unless --finetune; 5k images of the training split are held out for validation; the test split is not touched.
+The shipped predictors are calibrated with the backbone tuned too (--finetune is this recipe's default, at backbone
+lr 1e-3; --freeze-backbone trains the predictors alone); 5k images of the training split are held out for validation; the test split is not touched.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 STEPS = 250
 NOISE = 0.3  # measured on the 5k validation split at budget 0.6: noise 1.0 -> 67.3 %, 0 -> 71.5 %, 0.3 -> 72.1 %
 LR = 3e-3
+# Backbone learning rate with --finetune, on the 5k validation split at budget 0.6 (old descriptor): 1e-4 -> 72.1 %
+# (the backbone barely moves in 250 steps), 1e-3 -> 76.3 %. The dense recipe trains at 2e-3.
+BACKBONE_LR = 1e-3
 
 
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, budget: float = 0.6, steps: int = STEPS,
                       data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
-                      finetune: bool = False, backbone_lr: float = 1e-4):
+                      finetune: bool = True, backbone_lr: float = BACKBONE_LR):
     model, _ = load_shipped_model()
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,8 +47,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--noise", type=float, default=NOISE, help="scale of the Gumbel exploration noise")
     ap.add_argument("--lr", type=float, default=LR)
-    ap.add_argument("--finetune", action="store_true", help="tune the backbone too (its weights go into the checkpoint)")
-    ap.add_argument("--backbone-lr", type=float, default=1e-4)
+    ap.add_argument("--finetune", dest="finetune", action="store_true", default=True,
+                    help="tune the backbone too (the default; its weights go into the checkpoint)")
+    ap.add_argument("--freeze-backbone", dest="finetune", action="store_false", help="train the predictors alone")
+    ap.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
     args = ap.parse_args()
     calibrate_shipped(args.out, tuple(args.signals.split(",")), args.budget, args.steps, args.data, noise=args.noise, lr=args.lr,
                       finetune=args.finetune, backbone_lr=args.backbone_lr)

@@ -44,6 +44,9 @@ def read_checkpoint(path: str | Path, expected_format: str) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or truncated, write it again") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if isinstance(found, str) and found.rsplit("/", 1)[0] == expected_format.rsplit("/", 1)[0]:
+            raise CheckpointError(f"{path} is in format {found!r}, written by another version of spot-compile; this one "
+                                  f"reads {expected_format!r}: write it again with this version (e.g. spot-compile calibrate)")
         raise CheckpointError(f"{path} is not a {expected_format} file (found {found!r}); pass the file spot-compile wrote")
     return data
 

@@ -63,35 +63,74 @@ def attention_received(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return _per_batch(probs.mean(dim=-2), batch).mean(dim=1)
 
 
-def attention_descriptor(
-    probs: torch.Tensor, batch: int, num_special: int, cls: int | None, mask: torch.Tensor | None = None
+def interaction_descriptor(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None, batch: int, num_special: int, cls: int | None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPOT's compact per-token attention summary, (B, N, H*6), from one layer's probabilities.
+    """SPOT's compact per-token summary of one block's attention, (B, N, H*4), from its queries and keys.
 
-    Per head: CLS-out A[cls, t], CLS-in A[t, cls], and mean and variance of the token's row and column of the
-    patch-to-patch block. Means and variances rather than raw rows keep the feature size independent of N and
-    blunt single spurious peaks. Without a class token the two CLS features are zero.
-    `mask` (B, N), 1 for live tokens, restricts the statistics to live tokens: with a binary mask the live rows equal
-    what the pruned graph computes on the surviving tokens alone (the calibration graph relies on this).
+    O(N·d) per head: the N×N matrix is never formed, so a fused SDPA stays fused. See `descriptor_from_logits`
+    for the features; every one is a linear functional of the logits s·q·kᵀ, which is what makes this and the
+    matrix form agree exactly.
     """
-    n = probs.shape[-1]
-    a = probs.reshape(batch, -1, n, n)
-    live = torch.ones(batch, n, dtype=a.dtype, device=a.device) if mask is None else mask.to(a.dtype)
-    patch = torch.cat([torch.zeros_like(live[:, :num_special]), live[:, num_special:]], dim=1)
-    n_live, n_patch = live.sum(1)[:, None, None], patch.sum(1)[:, None, None]
-    if cls is not None:
-        cls_out, cls_in = a[:, :, cls, :], a[:, :, :, cls]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n, d = q.shape[-2], q.shape[-1]
+    q, k = q.reshape(batch, -1, n, d), k.reshape(batch, -1, n, d)
+    live, patch_w = _live_weights(batch, n, num_special, mask, q)
+    w = patch_w[:, None, :, None]
+    q_mean, k_mean = (q * w).sum(-2, keepdim=True), (k * w).sum(-2, keepdim=True)
+    mean_query = (q_mean @ k.transpose(-2, -1)).squeeze(-2) * scale  # logits of the average patch query
+    row_mean = (q @ k_mean.transpose(-2, -1)).squeeze(-1) * scale  # each token's mean logit over patch keys
+    if cls is None:
+        cls_row = cls_col = None
     else:
-        cls_out = cls_in = torch.zeros_like(a[:, :, 0, :])
-    key_w, query_w = patch[:, None, None, :], patch[:, None, :, None]
-    row_mean = (a * key_w).sum(-1) / n_patch
-    row_var = (((a - row_mean[..., None]) ** 2) * key_w).sum(-1) / n_patch
-    col_mean = (a * query_w).sum(-2) / n_patch
-    col_var = (((a - col_mean[..., None, :]) ** 2) * query_w).sum(-2) / n_patch
-    # Scale by the live token count so the features are O(1) whatever N is (a uniform row has mean 1/N).
-    feats = torch.stack([cls_out * n_live, cls_in * n_live, row_mean * n_live, row_var * n_live**2,
-                         col_mean * n_live, col_var * n_live**2], dim=-1)
-    return feats.permute(0, 2, 1, 3).reshape(batch, n, -1)
+        cls_row = (q[:, :, cls : cls + 1] @ k.transpose(-2, -1)).squeeze(-2) * scale
+        cls_col = (q @ k[:, :, cls : cls + 1].transpose(-2, -1)).squeeze(-1) * scale
+    return _descriptor(cls_row, cls_col, mean_query, row_mean, live)
+
+
+def descriptor_from_logits(
+    logits: torch.Tensor, batch: int, num_special: int, cls: int | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same descriptor as `interaction_descriptor`, read from a block's pre-softmax logits where the backbone
+    already forms them (explicit attention). Per head:
+      * CLS-out: softmax over live keys of the class token's row (EViT's criterion), times the live count;
+      * received: softmax over live keys of the average patch query's row: first-order attention received;
+      * CLS-in: the token's logit towards the class token minus its mean logit over patch keys;
+      * mean logit of the token's row over patch keys (how strongly it attends at all).
+    `mask` (B, N), 1 for live tokens, restricts everything to live tokens: with a binary mask the live rows equal
+    what the pruned graph computes on the surviving tokens alone (the calibration graph relies on this).
+    Without a class token, the two CLS features are zero.
+    """
+    n = logits.shape[-1]
+    a = logits.reshape(batch, -1, n, n)
+    live, patch_w = _live_weights(batch, n, num_special, mask, a)
+    mean_query = (a * patch_w[:, None, :, None]).sum(-2)
+    row_mean = (a * patch_w[:, None, None, :]).sum(-1)
+    cls_row, cls_col = (None, None) if cls is None else (a[:, :, cls, :], a[:, :, :, cls])
+    return _descriptor(cls_row, cls_col, mean_query, row_mean, live)
+
+
+def _live_weights(batch: int, n: int, num_special: int, mask: torch.Tensor | None, like: torch.Tensor):
+    """(live (B, N) in {0, 1}, live patch tokens weighted 1/their count (B, N))."""
+    live = torch.ones(batch, n, dtype=like.dtype, device=like.device) if mask is None else mask.to(like.dtype)
+    patch = torch.cat([torch.zeros_like(live[:, :num_special]), live[:, num_special:]], dim=1)
+    return live, patch / patch.sum(1, keepdim=True)
+
+
+def _descriptor(cls_row, cls_col, mean_query, row_mean, live) -> torch.Tensor:
+    dead = (live == 0)[:, None, :]
+    n_live = live.sum(1)[:, None, None]
+    # Softmax-normalised features are scaled by the live count so they are O(1) whatever N is (uniform: 1).
+    received = mean_query.masked_fill(dead, float("-inf")).softmax(-1) * n_live
+    if cls_row is None:
+        cls_out = cls_in = torch.zeros_like(received)
+    else:
+        cls_out = cls_row.masked_fill(dead, float("-inf")).softmax(-1) * n_live
+        cls_in = cls_col - row_mean
+    feats = torch.stack([cls_out, received, cls_in, row_mean], dim=-1)  # (B, H, N, 4)
+    b, _, n, _ = feats.shape
+    return feats.permute(0, 2, 1, 3).reshape(b, n, -1)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from .errors import BudgetError
-from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .passes.insert_pruning import insert_pruning
 

@@ -2,8 +2,8 @@
 
 One small predictor per pruning stage reads three signals and gives one relevance logit per token:
   1. embedding: the token's state at that depth (LayerNorm + linear);
-  2. interaction: the attention descriptor of the last block before the stage (`ops.attention_descriptor`:
-     CLS-out, CLS-in, row/column mean and variance, per head);
+  2. interaction: the attention descriptor of the last block before the stage (`ops.interaction_descriptor`:
+     per head, CLS-out, attention received from the average query, CLS-in and mean logit; O(N·d) from q and k);
   3. dynamics: how that descriptor changed from the block before it.
 A global context (mean of the per-token features over live tokens) is appended, as in DynamicViT, so each token is
 judged relative to the image. Any signal can be switched off for the ablation study.
@@ -23,7 +23,8 @@ from .errors import CheckpointError
 from .passes.find_blocks import ModelStructure
 
 SIGNALS = ("embedding", "interaction", "dynamics")
-FORMAT = "spot-compile/predictors/1"
+FORMAT = "spot-compile/predictors/2"  # 1: the N×N descriptor of 6 features per head
+DESCRIPTOR_FEATURES = 4  # per head, see ops.descriptor_from_logits
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class SpotPredictor(nn.Module):
     def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig()) -> None:
         super().__init__()
         self.config = config
-        feat, hid = 6 * heads, config.hidden
+        feat, hid = DESCRIPTOR_FEATURES * heads, config.hidden
         self.embedding = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hid)) if "embedding" in config.signals else None
         self.interaction = nn.Linear(feat, hid) if "interaction" in config.signals else None
         self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
@@ -129,3 +130,8 @@ def with_tuned_backbone(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{path} was calibrated for a different model (its tuned backbone does not fit this one); "
                               "calibrate predictors for this model") from None
     return tuned
+
+
+def load_predictor_metrics(path) -> dict:
+    """The calibration record (history, seconds, keep counts) stored in a predictor checkpoint."""
+    return json.loads(read_checkpoint(path, FORMAT)["metrics"])

@@ -3,7 +3,7 @@
 A scorer is an `nn.Module` with `forward(tokens, *attention) -> scores (B, N)` and two attributes the pass reads:
   * `attention`: what the pass must tap from the preceding blocks: "none", "class" (class-token attention row,
     cheap for fused attention), "received" (mean attention received; forms the matrix) or "descriptor"
-    (`ops.attention_descriptor` per layer);
+    (`ops.interaction_descriptor` per layer, from q/k);
   * `history`: how many preceding blocks to tap (never across an earlier prune point).
 """
 

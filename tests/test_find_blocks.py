@@ -7,7 +7,6 @@ from spot_compile.errors import StructureError
 from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.passes.graph_query import SDPA_OPS, SOFTMAX_OPS
 
-from .conftest import VARIANTS, small_vit
 
 
 def test_finds_every_block_with_its_parts(variant):

@@ -10,7 +10,7 @@ from spot_compile.errors import CheckpointError
 from spot_compile.flops import count_flops
 from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.passes.soft_pruning import build_calibration_graph
-from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors, save_predictors
+from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors
 
 from .conftest import small_vit
 
@@ -34,11 +34,55 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides):
     assert len(inserted) == 3  # blocks 1, 2, 3 attend with the mask; block 0 does not
 
 
+def test_descriptor_from_queries_and_keys_equals_the_one_from_logits_and_respects_the_mask():
+    torch.manual_seed(0)
+    b, h, n, d, special = 2, 3, 10, 8, 1
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    logits = q @ k.transpose(-2, -1) * 0.3
+    mask = torch.ones(b, n)
+    mask[:, [2, 5, 6]] = 0
+    for m in (None, mask):
+        from_qk = ops.interaction_descriptor(q, k, 0.3, b, special, 0, m)
+        torch.testing.assert_close(from_qk, ops.descriptor_from_logits(logits, b, special, 0, m))
+    # Live rows under the mask are what the pruned graph computes on the surviving tokens alone.
+    live = mask[0].bool()
+    pruned = ops.interaction_descriptor(q[:, :, live], k[:, :, live], 0.3, b, special, 0)
+    torch.testing.assert_close(ops.interaction_descriptor(q, k, 0.3, b, special, 0, mask)[:, live], pruned)
+    assert from_qk.shape == (b, n, 4 * h) and torch.isfinite(from_qk).all()
+    # Uniform attention (all logits equal) reads 1 for both softmax features.
+    flat = ops.descriptor_from_logits(torch.zeros(b, h, n, n), b, special, 0).reshape(b, n, h, 4)
+    torch.testing.assert_close(flat[..., :2], torch.ones(b, n, h, 2))
+
+
+def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention():
+    fused = small_vit()
+    explicit = small_vit(attention="explicit")
+    explicit.load_state_dict(fused.state_dict())
+    structure = find_blocks(capture(fused, example_input(fused, None)))
+    predictors = make_predictors(structure, (1, 2, 3), PredictorConfig(hidden=16))
+    # Explicit keep counts: FLOPs of SDPA and of an explicit softmax are counted differently, so a budget could
+    # give the two models different counts.
+    config = sc.SparsifyConfig(keep=(40, 25, 12), stages=(1, 2, 3), policy="spot")
+    outputs = []
+    x = torch.randn(3, 1, 16, 16)
+    for model, descriptor in ((fused, ops.interaction_descriptor), (explicit, ops.descriptor_from_logits)):
+        sparse = sc.sparsify(model, config, scorers=predictors)
+        targets = [n.target for n in sparse.graph_module.graph.nodes]
+        assert targets.count(descriptor) == 5  # stage 1 reads block 0, stage 2 blocks 0-1, stage 3 blocks 1-2
+        assert ops.attention_probs not in targets
+        with torch.no_grad():
+            outputs.append(sparse(x))
+    fused_graph = sc.sparsify(fused, config, scorers=predictors).graph_module.graph
+    assert sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in fused_graph.nodes) == 4
+    # Same weights, same predictors: the descriptor read from q/k selects what the one read from logits selects.
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
 def test_predictor_shapes_and_cost_under_three_percent():
     model = small_vit(img_size=28, dim=64, depth=6)  # the shipped model's shape
     structure = find_blocks(capture(model, example_input(model, None)))
     p = SpotPredictor(64, 2)
-    tokens, desc = torch.randn(2, 197, 64), torch.randn(2, 197, 12)
+    tokens, desc = torch.randn(2, 197, 64), torch.randn(2, 197, 8)  # 4 features x 2 heads
     assert p(tokens, desc, desc).shape == (2, 197)
     predictors = make_predictors(structure, (2, 3, 4), PredictorConfig())
     sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"), scorers=predictors)
@@ -47,7 +91,7 @@ def test_predictor_shapes_and_cost_under_three_percent():
     for stage in sparse.plan.stages:
         n = stage.tokens_in
         with torch.utils.flop_counter.FlopCounterMode(display=False) as c:
-            predictors[stage.block](torch.randn(1, n, 64), torch.randn(1, n, 12), torch.randn(1, n, 12))
+            predictors[stage.block](torch.randn(1, n, 64), torch.randn(1, n, 8), torch.randn(1, n, 8))
         predictor_flops += c.get_total_flops()
     assert predictor_flops / count_flops(model, x) <= 0.03
 
@@ -69,6 +113,11 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path):
         sc.sparsify(small_vit(dim=48), sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
     with pytest.raises(CheckpointError, match="needs calibrated predictors"):
         sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"))
+    old = torch.load(out, weights_only=True)
+    old["format"] = "spot-compile/predictors/1"  # the N x N descriptor's checkpoints
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="another version of spot-compile"):
+        sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(tmp_path / "old.pt")))
 
 
 def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path):

@@ -3,8 +3,9 @@
 Matches: the residual stream node entering block `j` (from `find_blocks`).
 Emits, right after that node:
   * attention taps on the preceding `scorer.history` blocks (`ops.class_attention_qk`, `ops.attention_received`,
-    `ops.attention_descriptor`, ... depending on `scorer.attention`). Class attention reads the block's q/k
-    (O(N·d)). Taps that need the whole matrix materialise it once at that block: the block's fused SDPA becomes
+    `ops.interaction_descriptor`, ... depending on `scorer.attention`). Class attention and SPOT's descriptor read
+    the block's q/k (O(N·d)), or its logits where the block already forms them. Taps that need the whole matrix
+    (attention received, for models without a class token) materialise it once at that block: the block's fused SDPA becomes
     `attention_probs -> matmul` and the probabilities feed both the block and the tap, so attention is not paid
     twice. A tap on a block before an earlier prune point is carried through that prune's selection;
   * `call_module spot_scorer_<j>` (the scorer), giving scores (B, N);
@@ -104,9 +105,13 @@ def _tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, 
         if block.kind == "sdpa":
             return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch, cls)
         return emit(ops.class_attention_probs, block.attention, batch, cls)
+    if kind == "descriptor":
+        if block.kind == "sdpa":
+            return emit(ops.interaction_descriptor, block.query, block.key, block.scale, batch, structure.num_special, cls)
+        if block.attention.target is ops.attention_probs:  # materialised by another tap: q and k are at hand
+            return emit(ops.interaction_descriptor, *block.attention.args, batch, structure.num_special, cls)
+        return emit(ops.descriptor_from_logits, block.attention.args[0], batch, structure.num_special, cls)
     probs = materialize_attention(gm, block, emit)
     if kind == "received":
         return emit(ops.attention_received, probs, batch)
-    if kind == "descriptor":
-        return emit(ops.attention_descriptor, probs, batch, structure.num_special, cls)
     raise ValueError(f"unknown attention tap {kind!r}")

@@ -1,7 +1,7 @@
 """Pass: the calibration (training) graph, where pruning is a differentiable mask instead of a gather.
 
 Matches the same stage points as `insert_pruning`. Emits at each stage:
-  * mask-aware attention descriptor taps (`ops.attention_descriptor(..., mask)`) on the preceding blocks;
+  * mask-aware attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits` with `mask`) on the preceding blocks;
   * the scorer, called with `mask=` so its global context pools live tokens only;
   * `call_module spot_keep_<j>` (`SoftKeep`): a straight-through top-k mask (B, N) with the same static k as
     inference, multiplied into the previous stage's mask;
@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from .. import ops
 from ..errors import StructureError
-from .find_blocks import ModelStructure, find_blocks
+from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
 
 
@@ -85,9 +85,11 @@ def build_calibration_graph(
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
             taps = []
             for b in blocks[max(0, stage - scorer.history):stage]:
-                live = mask_at[b.index]
-                probs = emit(ops.masked_attention_probs, *qk[b.index][:2], qk[b.index][2], live) if qk[b.index] else b.attention
-                taps.append(emit(ops.attention_descriptor, probs, batch, structure.num_special, structure.class_token, live))
+                live, special, cls = mask_at[b.index], structure.num_special, structure.class_token
+                if qk[b.index]:
+                    taps.append(emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, live))
+                else:
+                    taps.append(emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, live))
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", mask=prev)
             mask = emit(f"spot_keep_{stage}", scores, prev, op="call_module")
         for b in blocks[stage:end]:

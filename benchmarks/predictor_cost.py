@@ -1,0 +1,106 @@
+"""What SPOT's predictors cost in wall-clock time, on the shipped model.
+
+    python benchmarks/predictor_cost.py          # writes docs/results/predictor_cost.{json,md}
+
+For each batch size, round-robin in one process (median of `--repeats` after warm-up), compiled with the same
+options as `spot-compile bench`:
+  * dense: the captured model;
+  * spot: SPOT with the shipped predictors at budget 0.6 (taps, predictors, top-k, gather);
+  * bare pruning: the same stages and keep counts, scored by a free scorer (one channel of the token state), so it
+    pays for top-k and gather but for no predictor;
+  * class attention at the same keep counts, for reference.
+Predictor share = (spot - bare) / spot: the fraction of SPOT's time spent in taps and predictors (issue target: 3 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import nn
+
+import spot_compile as sc
+from spot_compile.bench import _cpu_name, _medians
+from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+
+
+class FreeScorer(nn.Module):
+    """Scores tokens by one channel of their state: the cheapest scorer there is, to time pruning alone."""
+
+    attention = "none"
+    history = 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[..., 0]
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--budget", type=float, default=0.6)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    args = ap.parse_args()
+    console = Console()
+    torch.manual_seed(0)
+    model, _ = load_shipped_model()
+    spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
+    stages = tuple(s.block for s in spot.plan.stages)
+    keep = tuple(s.keep for s in spot.plan.stages)
+    same = dict(stages=stages, keep=keep)
+    graphs = {
+        "dense": sc.sparsify(model, sc.SparsifyConfig(budget=1.0)),
+        "spot": spot,
+        "bare pruning": sc.sparsify(model, sc.SparsifyConfig(**same), scorers={s: FreeScorer() for s in stages}),
+        "class attention": sc.sparsify(model, sc.SparsifyConfig(policy="class-attention", **same)),
+    }
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("timing", total=len(batches) * 2)
+        for batch in batches:
+            x = torch.randn(batch, 1, 28, 28)
+            torch._dynamo.reset()
+            for mode in ("eager", "compiled"):
+                fns = ([g.graph_module for g in graphs.values()] if mode == "eager" else
+                       [g.compile(verify=False, dynamic=False, batch=batch) for g in graphs.values()])
+                ms = dict(zip(graphs, _medians(fns, x, args.warmup, args.repeats)))
+                share = (ms["spot"] - ms["bare pruning"]) / ms["spot"]
+                rows.append({"batch": batch, "mode": mode, **{f"{k} ms": v for k, v in ms.items()}, "predictor share": share})
+                progress.advance(task)
+    flops = {name: g.plan.sparse_flops for name, g in graphs.items()}
+    cols = ["batch", "mode", *[f"{k} ms" for k in graphs], "predictor share"]
+    table = Table(title=f"shipped model, budget {args.budget}, keep {list(keep)}: median of {args.repeats}")
+    for c in cols:
+        table.add_column(c)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [str(r["batch"]), r["mode"], *[f"{r[f'{k} ms']:.2f}" for k in graphs], f"{100 * r['predictor share']:.1f} %"]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    pred_flops = (flops["spot"] - flops["bare pruning"]) / flops["dense"]
+    console.print(f"predictor FLOPs (FlopCounterMode): {100 * pred_flops:.2f} % of dense")
+    meta = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "keep": list(keep), "stages": list(stages),
+            "repeats": args.repeats, "warmup": args.warmup, "flops": flops, "predictor_flops_share": pred_flops}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "predictor_cost.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    header = (f"Shipped model, SPOT at budget {args.budget} (stages {list(stages)}, keep {list(keep)}), {meta['cpu']}, "
+              f"{meta['threads']} threads, torch {meta['torch']}, {meta['date']}; median of {args.repeats} after "
+              f"{args.warmup} warm-up, all four graphs round-robin. Predictor share = (spot - bare) / spot. "
+              f"Predictor FLOPs: {100 * pred_flops:.2f} % of dense.\n\n")
+    (args.out_dir / "predictor_cost.md").write_text(header + "\n".join(md) + "\n")
+    console.print(f"wrote {args.out_dir}/predictor_cost.json and .md")
+
+
+if __name__ == "__main__":
+    main()
