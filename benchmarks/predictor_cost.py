@@ -1,11 +1,13 @@
 """What SPOT's predictors cost in wall-clock time, on the shipped model.
 
-    python benchmarks/predictor_cost.py          # writes docs/results/predictor_cost.{json,md}
+    python benchmarks/predictor_cost.py                        # writes docs/results/predictor_cost.{json,md}
+    python benchmarks/predictor_cost.py --model deit_small     # timm DeiT-S, predictors with random weights
 
 For each batch size, round-robin in one process (median of `--repeats` after warm-up), compiled with the same
 options as `spot-compile bench`:
   * dense: the captured model;
-  * spot: SPOT with the shipped predictors at budget 0.6 (taps, predictors, top-k, gather);
+  * spot: SPOT with the shipped predictors at budget 0.6 (taps, predictors, top-k, gather); for a timm model,
+    uncalibrated predictors of the same architecture (their cost does not depend on their weights);
   * bare pruning: the same stages and keep counts, scored by a free scorer (one channel of the token state), so it
     pays for top-k and gather but for no predictor;
   * class attention at the same keep counts, for reference.
@@ -27,6 +29,10 @@ from torch import nn
 
 import spot_compile as sc
 from spot_compile.bench import _cpu_name, _medians
+from spot_compile.capture import capture, example_input
+from spot_compile.config import default_stages
+from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.predictors import PredictorConfig, make_predictors
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 
 
@@ -43,6 +49,7 @@ class FreeScorer(nn.Module):
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="shipped", choices=["shipped", "deit_tiny", "deit_small"])
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--budget", type=float, default=0.6)
     ap.add_argument("--repeats", type=int, default=20)
@@ -51,8 +58,18 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)
-    model, _ = load_shipped_model()
-    spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
+    if args.model == "shipped":
+        model, _ = load_shipped_model()
+        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
+    else:
+        import timm
+
+        model = timm.create_model(f"{args.model}_patch16_224", pretrained=False).eval()
+        structure = find_blocks(capture(model, example_input(model, None)))
+        stages = default_stages(len(structure.blocks))
+        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", stages=stages),
+                           scorers=make_predictors(structure, stages, PredictorConfig()))
+    shape = spot.plan.input_shape[1:]
     stages = tuple(s.block for s in spot.plan.stages)
     keep = tuple(s.keep for s in spot.plan.stages)
     same = dict(stages=stages, keep=keep)
@@ -67,7 +84,7 @@ def main() -> None:
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(batches) * 2)
         for batch in batches:
-            x = torch.randn(batch, 1, 28, 28)
+            x = torch.randn(batch, *shape)
             torch._dynamo.reset()
             for mode in ("eager", "compiled"):
                 fns = ([g.graph_module for g in graphs.values()] if mode == "eager" else
@@ -78,7 +95,7 @@ def main() -> None:
                 progress.advance(task)
     flops = {name: g.plan.sparse_flops for name, g in graphs.items()}
     cols = ["batch", "mode", *[f"{k} ms" for k in graphs], "predictor share"]
-    table = Table(title=f"shipped model, budget {args.budget}, keep {list(keep)}: median of {args.repeats}")
+    table = Table(title=f"{args.model}, budget {args.budget}, keep {list(keep)}: median of {args.repeats}")
     for c in cols:
         table.add_column(c)
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -93,13 +110,14 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "keep": list(keep), "stages": list(stages),
             "repeats": args.repeats, "warmup": args.warmup, "flops": flops, "predictor_flops_share": pred_flops}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "predictor_cost.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    header = (f"Shipped model, SPOT at budget {args.budget} (stages {list(stages)}, keep {list(keep)}), {meta['cpu']}, "
+    name = "predictor_cost" if args.model == "shipped" else f"predictor_cost_{args.model}"
+    (args.out_dir / f"{name}.json").write_text(json.dumps({**meta, "model": args.model, "rows": rows}, indent=2))
+    header = (f"{args.model} model, SPOT at budget {args.budget} (stages {list(stages)}, keep {list(keep)}), {meta['cpu']}, "
               f"{meta['threads']} threads, torch {meta['torch']}, {meta['date']}; median of {args.repeats} after "
               f"{args.warmup} warm-up, all four graphs round-robin. Predictor share = (spot - bare) / spot. "
               f"Predictor FLOPs: {100 * pred_flops:.2f} % of dense.\n\n")
-    (args.out_dir / "predictor_cost.md").write_text(header + "\n".join(md) + "\n")
-    console.print(f"wrote {args.out_dir}/predictor_cost.json and .md")
+    (args.out_dir / f"{name}.md").write_text(header + "\n".join(md) + "\n")
+    console.print(f"wrote {args.out_dir}/{name}.json and .md")
 
 
 if __name__ == "__main__":
