@@ -1,4 +1,4 @@
-"""What SPOT's predictors cost in wall-clock time, on the shipped model.
+"""What SPOT's predictors cost in wall-clock time, on the shipped model or a timm DeiT.
 
     python benchmarks/predictor_cost.py                        # writes docs/results/predictor_cost.{json,md}
     python benchmarks/predictor_cost.py --model deit_small     # timm DeiT-S, predictors with random weights
