@@ -54,6 +54,34 @@ def test_descriptor_from_queries_and_keys_equals_the_one_from_logits_and_respect
     torch.testing.assert_close(flat[..., :2], torch.ones(b, n, h, 2))
 
 
+@pytest.mark.parametrize("signals", [("embedding", "interaction", "dynamics"), ("interaction", "dynamics"),
+                                     ("embedding", "dynamics"), ("embedding", "interaction")])
+def test_predictor_forward_equals_its_textbook_form(signals):
+    # The forward reorders the arithmetic (one GEMM for all inputs, the context half of the mix once per image);
+    # it must compute the function the module docstring states, with and without a live-token mask.
+    torch.manual_seed(0)
+    p = SpotPredictor(24, 3, PredictorConfig(hidden=16, signals=signals))
+    for param in p.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    tokens, prev, last = torch.randn(2, 9, 24), torch.randn(2, 9, 12), torch.randn(2, 9, 12)
+    mask = torch.ones(2, 9)
+    mask[0, 3:6] = 0
+    for m in (None, mask):
+        h = 0
+        if p.embedding is not None:
+            h = h + p.embedding(tokens)
+        if p.interaction is not None:
+            h = h + p.interaction(last)
+        if p.dynamics is not None:
+            h = h + p.dynamics(last - prev)
+        w = torch.ones(2, 9, 1) if m is None else m[..., None]
+        context = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+        expected = p.mix(torch.cat([h, context.expand_as(h)], dim=-1)).squeeze(-1)
+        torch.testing.assert_close(p(tokens, prev, last, mask=m), expected, atol=1e-5, rtol=1e-5)
+    if p.dynamics is not None:  # a single descriptor means no change yet
+        torch.testing.assert_close(p(tokens, last), p(tokens, last, last))
+
+
 def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention():
     fused = small_vit()
     explicit = small_vit(attention="explicit")
@@ -68,7 +96,7 @@ def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention(
     for model, descriptor in ((fused, ops.interaction_descriptor), (explicit, ops.descriptor_from_logits)):
         sparse = sc.sparsify(model, config, scorers=predictors)
         targets = [n.target for n in sparse.graph_module.graph.nodes]
-        assert targets.count(descriptor) == 5  # stage 1 reads block 0, stage 2 blocks 0-1, stage 3 blocks 1-2
+        assert targets.count(descriptor) == 3  # blocks 0, 1, 2, each emitted once though stages 2 and 3 reread 0 and 1
         assert ops.attention_probs not in targets
         with torch.no_grad():
             outputs.append(sparse(x))

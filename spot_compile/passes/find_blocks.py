@@ -43,6 +43,7 @@ class Block:
     dim: int
     heads: int
     probs: Node | None = None  # attention probabilities, once a pass has materialised them
+    taps: dict[str, Node] = field(default_factory=dict)  # attention taps already emitted on this block, by kind
 
     @property
     def query(self) -> Node | None:

@@ -100,6 +100,14 @@ def materialize_attention(gm: GraphModule, block: Block, emit: _Emitter) -> Node
 
 
 def _tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
+    """The tap of `kind` on `block`; emitted once, and reused when a later stage reads the same block (SPOT's
+    consecutive stages both read the block between them)."""
+    if kind not in block.taps:
+        block.taps[kind] = _emit_tap(gm, emit, block, kind, batch, structure)
+    return block.taps[kind]
+
+
+def _emit_tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
     cls = structure.class_token
     if kind == "class":
         if block.kind == "sdpa":

@@ -67,6 +67,7 @@ def build_calibration_graph(
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
     mask_at: dict[int, Node | None] = {b.index: None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
+    descriptors: dict[int, Node] = {}
     prev: Node | None = None  # the live-token mask entering the current stage
     bounds = list(stages[1:]) + [len(blocks)]
     for stage, k, end in zip(stages, keep, bounds):
@@ -85,11 +86,13 @@ def build_calibration_graph(
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
             taps = []
             for b in blocks[max(0, stage - scorer.history):stage]:
-                live, special, cls = mask_at[b.index], structure.num_special, structure.class_token
-                if qk[b.index]:
-                    taps.append(emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, live))
-                else:
-                    taps.append(emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, live))
+                if b.index not in descriptors:  # consecutive stages read the block between them: emit once
+                    live, special, cls = mask_at[b.index], structure.num_special, structure.class_token
+                    if qk[b.index]:
+                        descriptors[b.index] = emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, live)
+                    else:
+                        descriptors[b.index] = emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, live)
+                taps.append(descriptors[b.index])
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", mask=prev)
             mask = emit(f"spot_keep_{stage}", scores, prev, op="call_module")
         for b in blocks[stage:end]:
