@@ -55,16 +55,22 @@ class Timing:
         return self.batch / self.sparse_ms * 1e3
 
 
-def _medians(fns, x, warmup: int, repeats: int) -> list[float]:
-    """Median ms of each callable, the callables run round-robin so that machine noise hits them all alike."""
+def _round_robin_ms(fns, x, warmup: int, repeats: int) -> list[list[float]]:
+    """ms of each call of each callable, the callables run round-robin so that machine noise hits them all alike:
+    entry i of every list comes from the same round."""
     times = [[] for _ in fns]
     for i in range(warmup + repeats):
         for fn, acc in zip(fns, times):
             t = time.perf_counter()
             fn(x)
             if i >= warmup:
-                acc.append(time.perf_counter() - t)
-    return [statistics.median(t) * 1e3 for t in times]
+                acc.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _medians(fns, x, warmup: int, repeats: int) -> list[float]:
+    """Median ms of each callable, run round-robin (`_round_robin_ms`)."""
+    return [statistics.median(t) for t in _round_robin_ms(fns, x, warmup, repeats)]
 
 
 def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
