@@ -57,10 +57,14 @@ class Timing:
 
 def _round_robin_ms(fns, x, warmup: int, repeats: int) -> list[list[float]]:
     """ms of each call of each callable, the callables run round-robin so that machine noise hits them all alike:
-    entry i of every list comes from the same round."""
+    entry i of every list comes from the same round. Each round starts one callable later, so each takes every place
+    in the order equally often: measured, the callable right after a large one ran ~3 ms slower at batch 64 (its
+    caches were evicted), enough to bias a small difference between two cheap graphs."""
     times = [[] for _ in fns]
+    n = len(fns)
     for i in range(warmup + repeats):
-        for fn, acc in zip(fns, times):
+        for j in range(n):
+            fn, acc = fns[(i + j) % n], times[(i + j) % n]
             t = time.perf_counter()
             fn(x)
             if i >= warmup:
