@@ -5,8 +5,8 @@
 1. SPOT with the backbone tuned: the shipped predictors (recipes/calibrate_shipped.py, whose default is --finetune),
    against SPOT with the backbone frozen (the same recipe with --freeze-backbone, calibrated here).
 2. Control: the dense shipped model fine-tuned for the same steps, batch, learning rate, augmentation and loss
-   (cross-entropy + 0.5 KL to the same frozen teacher), without pruning. The shipped baseline is under-trained
-   (5 epochs), so any extra training may raise accuracy; SPOT+finetune must be compared with this control, not
+   (cross-entropy + 0.5 KL to the same frozen teacher), without pruning. The shipped baseline is trained for only
+   6 epochs on 2 CPU cores, so any extra training may raise accuracy; SPOT+finetune must be compared with this control, not
    only with the shipped dense model.
 3. Control: random tokens on a backbone tuned the same way with random masks (the SPOT recipe with Gumbel noise so
    large that the training selections are uniformly random), so that SPOT's lead over random is not only the tuning.

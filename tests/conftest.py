@@ -10,6 +10,7 @@ VARIANTS = {
     "sdpa-separate-post": dict(qkv="separate", norm="post"),
     "explicit-fused-post": dict(attention="explicit", norm="post"),
     "avgpool-registers": dict(pool="avg", num_registers=2),
+    "conv-stem": dict(stem_channels=8),
 }
 SMALL = dict(img_size=16, patch_size=2, dim=32, depth=4, heads=2)  # 64 patch tokens
 

@@ -107,7 +107,7 @@ def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention(
 
 
 def test_predictor_shapes_and_cost_under_three_percent():
-    model = small_vit(img_size=28, dim=64, depth=6)  # the shipped model's shape
+    model = small_vit(img_size=28, dim=64, depth=6, stem_channels=32)  # the shipped model's shape
     structure = find_blocks(capture(model, example_input(model, None)))
     p = SpotPredictor(64, 2)
     tokens, desc = torch.randn(2, 197, 64), torch.randn(2, 197, 8)  # 4 features x 2 heads

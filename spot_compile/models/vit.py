@@ -30,6 +30,10 @@ class ViTConfig:
     norm: Literal["pre", "post"] = "pre"
     pool: Literal["cls", "avg"] = "cls"
     num_registers: int = 0
+    # 0: the plain patchify convolution. >0: a 3x3 convolution with this many channels and a GELU in front of it,
+    # so each token starts from local features instead of its raw pixels (Xiao et al. 2021, "Early convolutions
+    # help transformers see better"); see recipes/train_dense.py for what it bought the shipped model.
+    stem_channels: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +98,11 @@ class ViT(nn.Module):
         self.img_size = cfg.img_size
         self.in_chans = cfg.in_chans
         num_patches = (cfg.img_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        patchify = nn.Conv2d(cfg.stem_channels or cfg.in_chans, cfg.dim, cfg.patch_size, cfg.patch_size)
+        if cfg.stem_channels:
+            self.patch_embed = nn.Sequential(nn.Conv2d(cfg.in_chans, cfg.stem_channels, 3, padding=1), nn.GELU(), patchify)
+        else:
+            self.patch_embed = patchify
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, cfg.dim)) if cfg.num_registers else None
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches, cfg.dim) * 0.02)
