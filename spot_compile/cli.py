@@ -140,7 +140,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--freeze-backbone/--finetune", default=True, show_default=True,
               help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
-@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped model, undertrained, used 1e-3; docs/spot.md).")
+@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped predictors used 3e-4; docs/spot.md).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
               noise, signals, hidden, val_size, seed, no_compile, freeze_backbone, backbone_lr, out) -> None:

@@ -1,8 +1,8 @@
 """A small, hand-written Vision Transformer: the built-in default model and the test bed.
 
 Its knobs cover the variants the structural finder must handle (fused or separate q/k/v, fused SDPA or an
-explicit matmul -> softmax -> matmul, pre- or post-norm, class token or average pooling, register tokens),
-so tests exercise those graph shapes without depending on any model library.
+explicit matmul -> softmax -> matmul, pre- or post-norm, class token or average pooling, register tokens, a plain
+patchify or a small convolutional stem), so tests exercise those graph shapes without depending on any model library.
 """
 
 from __future__ import annotations
