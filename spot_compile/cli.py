@@ -134,7 +134,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
-@click.option("--hidden", type=int, default=32, show_default=True, help="Width of the predictor MLP.")
+@click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
@@ -157,7 +157,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     try:
         predictor = PredictorConfig(hidden=hidden, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--hidden" if "hidden" in str(e) else "--signals") from None
+        raise click.BadParameter(str(e), param_hint="--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr)
