@@ -63,13 +63,9 @@ class SpotPredictor(nn.Module):
         self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
         self.mix = nn.Sequential(nn.GELU(), nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
 
-    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor) -> torch.Tensor:
         h = self._features(tokens, descriptors[-1], descriptors[-2] if len(descriptors) > 1 else descriptors[-1])
-        if mask is None:
-            context = h.mean(dim=1, keepdim=True)
-        else:
-            w = mask.to(h.dtype)[..., None]
-            context = (h * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+        context = h.mean(dim=1, keepdim=True)
         first, last = self.mix[1], self.mix[3]
         hid = h.shape[-1]
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)

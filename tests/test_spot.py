@@ -15,12 +15,12 @@ from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predict
 from .conftest import small_vit
 
 
+@pytest.mark.parametrize("stages,keep", [((1, 2, 3), (40, 25, 12)), ((1, 3), (30, 12))], ids=["consecutive", "gap"])
 @pytest.mark.parametrize("overrides", [dict(), dict(attention="explicit", qkv="separate")], ids=["sdpa", "explicit"])
-def test_binary_mask_calibration_graph_equals_hard_pruning(overrides):
+def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, keep):
     model = small_vit(**overrides)
     captured = capture(model, example_input(model, None))
     structure = find_blocks(captured)
-    stages, keep = (1, 2, 3), (40, 25, 12)
     predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
     sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors)
@@ -30,8 +30,21 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides):
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(student(x), sparse(x), atol=1e-5, rtol=1e-4)
-    inserted = [n for n in student.graph.nodes if n.target in (ops.masked_attention, ops.masked_softmax)]
-    assert len(inserted) == 3  # blocks 1, 2, 3 attend with the mask; block 0 does not
+    # Each stage's block attends under the mask; then the kept tokens are gathered and later blocks run on them alone.
+    masked = [n for n in student.graph.nodes if n.target in (ops.masked_attention, ops.masked_softmax)]
+    assert len(masked) == len(stages)
+    dim = structure.blocks[0].dim  # token gathers, not the descriptors that follow them
+    gathers = [n for n in student.graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == dim]
+    assert [g.meta["val"].shape[1] for g in gathers] == [1 + k for k in keep]
+    masks = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
+    assert [m.meta["val"].shape[1] for m in masks] == [65, *(1 + k for k in keep[:-1])]
+    # The mask gets gradient through the masked attention.
+    student.train()
+    scores = {}
+    for s, p in predictors.items():
+        p.register_forward_hook(lambda m, i, o, s=s: scores.__setitem__(s, o) or o.retain_grad())
+    student(x).sum().backward()
+    assert all(scores[s].grad is not None and scores[s].grad.abs().sum() > 0 for s in stages)
 
 
 def test_descriptor_from_queries_and_keys_equals_the_one_from_logits_and_respects_the_mask():
@@ -58,26 +71,22 @@ def test_descriptor_from_queries_and_keys_equals_the_one_from_logits_and_respect
                                      ("embedding", "dynamics"), ("embedding", "interaction")])
 def test_predictor_forward_equals_its_textbook_form(signals):
     # The forward reorders the arithmetic (one GEMM for all inputs, the context half of the mix once per image);
-    # it must compute the function the module docstring states, with and without a live-token mask.
+    # it must compute the function the module docstring states.
     torch.manual_seed(0)
     p = SpotPredictor(24, 3, PredictorConfig(hidden=16, signals=signals))
     for param in p.parameters():
         torch.nn.init.normal_(param, std=0.3)
     tokens, prev, last = torch.randn(2, 9, 24), torch.randn(2, 9, 12), torch.randn(2, 9, 12)
-    mask = torch.ones(2, 9)
-    mask[0, 3:6] = 0
-    for m in (None, mask):
-        h = 0
-        if p.embedding is not None:
-            h = h + p.embedding(tokens)
-        if p.interaction is not None:
-            h = h + p.interaction(last)
-        if p.dynamics is not None:
-            h = h + p.dynamics(last - prev)
-        w = torch.ones(2, 9, 1) if m is None else m[..., None]
-        context = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
-        expected = p.mix(torch.cat([h, context.expand_as(h)], dim=-1)).squeeze(-1)
-        torch.testing.assert_close(p(tokens, prev, last, mask=m), expected, atol=1e-5, rtol=1e-5)
+    h = 0
+    if p.embedding is not None:
+        h = h + p.embedding(tokens)
+    if p.interaction is not None:
+        h = h + p.interaction(last)
+    if p.dynamics is not None:
+        h = h + p.dynamics(last - prev)
+    context = h.mean(1, keepdim=True)
+    expected = p.mix(torch.cat([h, context.expand_as(h)], dim=-1)).squeeze(-1)
+    torch.testing.assert_close(p(tokens, prev, last), expected, atol=1e-5, rtol=1e-5)
     if p.dynamics is not None:  # a single descriptor means no change yet
         torch.testing.assert_close(p(tokens, last), p(tokens, last, last))
 

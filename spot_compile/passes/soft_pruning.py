@@ -1,14 +1,17 @@
-"""Pass: the calibration (training) graph, where pruning is a differentiable mask instead of a gather.
+"""Pass: the calibration (training) graph, where each stage's decision is a differentiable mask for one block.
 
-Matches the same stage points as `insert_pruning`. Emits at each stage:
-  * mask-aware attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits` with `mask`) on the preceding blocks;
-  * the scorer, called with `mask=` so its global context pools live tokens only;
-  * `call_module spot_keep_<j>` (`SoftKeep`): a straight-through top-k mask (B, N) with the same static k as
-    inference, multiplied into the previous stage's mask;
-and rewrites the attention of every block from the stage on to masked attention (`ops.masked_attention` for SDPA,
-`ops.masked_softmax` for an explicit softmax), so dropped tokens stop influencing live ones exactly where the
-inference graph drops them. Token counts never change, so no shape is rewritten. With a binary mask, the output
-equals the pruned graph's (tested).
+Matches the same stage points as `insert_pruning`. Emits at stage j (in front of block j):
+  * attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits`) on the preceding blocks,
+    mask-aware where that block attended under a mask, and carried through the gathers made since;
+  * the scorer and `call_module spot_keep_<j>` (`SoftKeep`): a straight-through top-k mask (B, N) with the same
+    static k as inference;
+  * block j's attention rewritten to masked attention (`ops.masked_attention` for SDPA, `ops.masked_softmax` for
+    an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
+  * after block j's attention residual, `ops.prune_tokens(x, mask, ...)`: the kept tokens are gathered, and all
+    later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`).
+With a binary mask the output equals the pruned graph's (tested). DynamicViT masks every later block instead;
+gathering after the first one makes a calibration step of the shipped model 1.7x faster (2.85 -> 1.65 s at batch
+128 on 2 cores), at the cost of a gradient for the mask from one block's attention instead of all later blocks'.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .. import ops
 from ..errors import StructureError
 from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
+from .propagate_tokens import TokenPropagation
 
 
 class SoftKeep(nn.Module):
@@ -28,8 +32,9 @@ class SoftKeep(nn.Module):
 
     In training, Gumbel noise times `noise` on the scores explores other selections (DynamicViT uses full Gumbel
     noise); with small logits, full noise makes training selections near-random while inference takes a
-    deterministic top-k, so the scale is a knob. `soft_ratio` (B,) is the mean keep probability over live patch
-    tokens, for the keep-ratio loss.
+    deterministic top-k, so the scale is a knob. `soft_ratio` (B,) is the mean keep probability over the patch
+    tokens, for the keep-ratio loss. Kept tokens read 1 and dropped ones 0 in the forward pass, so
+    `ops.prune_tokens(x, mask, ...)` gathers exactly the kept ones.
     """
 
     def __init__(self, num_special: int, keep: int, noise: float = 0.3) -> None:
@@ -37,21 +42,17 @@ class SoftKeep(nn.Module):
         self.num_special, self.keep, self.noise = num_special, keep, noise
         self.soft_ratio: torch.Tensor | None = None
 
-    def forward(self, scores: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        b, n = scores.shape
-        special = torch.arange(n, device=scores.device) < self.num_special
-        alive = torch.ones_like(scores, dtype=torch.bool) if prev is None else prev.detach() > 0.5
-        patch_alive = alive & ~special
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        special = torch.arange(scores.shape[1], device=scores.device) < self.num_special
         noisy = scores
         if self.training and self.noise > 0:
             u = torch.rand_like(scores).clamp_(1e-6, 1 - 1e-6)
             noisy = scores - self.noise * torch.log(-torch.log(u))
-        idx = noisy.masked_fill(~patch_alive, float("-inf")).topk(self.keep, dim=1).indices
+        idx = noisy.masked_fill(special, float("-inf")).topk(self.keep, dim=1).indices
         hard = torch.zeros_like(scores).scatter(1, idx, 1.0).masked_fill(special, 1.0)
         soft = torch.sigmoid(scores).masked_fill(special, 1.0)
-        self.soft_ratio = (soft * patch_alive).sum(1) / patch_alive.sum(1)
-        mask = hard + soft - soft.detach()
-        return mask if prev is None else mask * prev
+        self.soft_ratio = soft[:, self.num_special:].mean(1)
+        return hard + soft - soft.detach()
 
 
 def build_calibration_graph(
@@ -63,18 +64,17 @@ def build_calibration_graph(
     structure = find_blocks(gm)
     if structure.class_token is None:
         raise StructureError("calibration needs a model that reads a class token; models that average tokens are not supported yet")
-    blocks, graph = structure.blocks, gm.graph
+    blocks, graph, special, cls = structure.blocks, gm.graph, structure.num_special, structure.class_token
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
-    mask_at: dict[int, Node | None] = {b.index: None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
-    descriptors: dict[int, Node] = {}
-    prev: Node | None = None  # the live-token mask entering the current stage
-    bounds = list(stages[1:]) + [len(blocks)]
-    for stage, k, end in zip(stages, keep, bounds):
+    masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
+    gathers: list[tuple[int, Node, int]] = []  # (first block after it, mask it gathers by, patch tokens kept)
+    descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
+    for stage, k in zip(stages, keep):
         stream = blocks[stage].input
         scorer = scorers[stage]
         gm.add_submodule(f"spot_scorer_{stage}", scorer)
-        keepers[stage] = SoftKeep(structure.num_special, k, noise)
+        keepers[stage] = SoftKeep(special, k, noise)
         gm.add_submodule(f"spot_keep_{stage}", keepers[stage])
         with graph.inserting_before(stream.next):
 
@@ -86,19 +86,31 @@ def build_calibration_graph(
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
             taps = []
             for b in blocks[max(0, stage - scorer.history):stage]:
-                if b.index not in descriptors:  # consecutive stages read the block between them: emit once
-                    live, special, cls = mask_at[b.index], structure.num_special, structure.class_token
+                if b.index not in descriptors:  # each block's descriptor is emitted once, on the tokens it attended over
                     if qk[b.index]:
-                        descriptors[b.index] = emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, live)
+                        node = emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, masks.get(b.index))
                     else:
-                        descriptors[b.index] = emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, live)
-                taps.append(descriptors[b.index])
-            scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", mask=prev)
-            mask = emit(f"spot_keep_{stage}", scores, prev, op="call_module")
-        for b in blocks[stage:end]:
-            mask_at[b.index] = mask
-            _mask_attention(gm, b, mask, qk)
-        prev = mask
+                        node = emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, masks.get(b.index))
+                    descriptors[b.index] = (node, 0)
+                node, followed = descriptors[b.index]
+                later = [g for g in gathers if g[0] > b.index]
+                for _, by, kept in later[followed:]:  # align it with the stream: follow the gathers made since
+                    node = emit(ops.prune_tokens, node, by, special, kept)
+                descriptors[b.index] = (node, len(later))
+                taps.append(node)
+            scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module")
+            mask = emit(f"spot_keep_{stage}", scores, op="call_module")
+        masks[stage] = mask
+        _mask_attention(gm, blocks[stage], mask, qk)
+        TokenPropagation(gm, stream, {}, f"block {stage}").run()  # shape metadata for the nodes just emitted
+        # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
+        residual = blocks[stage].attn_residual
+        with graph.inserting_before(residual.next):
+            gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k))
+        gathered.meta[SPOT_TAG] = f"calibration gather@{stage}"
+        residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+        TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
+        gathers.append((stage + 1, mask, k))
     gm.graph.lint()
     gm.recompile()
     return gm, keepers
