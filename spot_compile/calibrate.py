@@ -3,10 +3,10 @@
 Loss = cross-entropy on labels + 0.5 * KL(dense teacher || sparse student) on logits
        + 2 * sum over stages of (mean keep probability - stage target)^2.
 The student is the calibration graph (`passes.soft_pruning`): the same stages and static keep counts as inference,
-with a straight-through top-k mask and masked attention. By default the backbone stays frozen and only the
-predictors learn; with `finetune` the backbone learns too (at `backbone_lr`), against a frozen copy of the dense
-model as teacher, so that it adapts to seeing fewer tokens. The tuned backbone then travels in the predictor
-checkpoint. Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
+with a straight-through top-k mask, masked attention in each stage's block and the kept tokens gathered after it.
+By default the backbone stays frozen and only the predictors learn; with `finetune` the backbone learns too (at
+`backbone_lr`), against a frozen copy of the dense model as teacher, so that it adapts to seeing fewer tokens. The
+tuned backbone then travels in the predictor checkpoint. Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def calibrate(
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
-    `compile` runs the calibration graph and the teacher under torch.compile: measured on 2 CPU cores, a step of the
-    shipped model at batch 128 drops from ~15 s to ~3 s (Inductor fuses the masked softmax and the descriptor
-    reductions, which dominate in eager), for a one-time compile of ~2 minutes.
+    `compile` runs the calibration graph and the teacher under torch.compile: measured on 2 CPU cores on the earlier
+    graph that masked every later block, a step of the shipped model at batch 128 dropped from ~15 s to ~3 s
+    (Inductor fuses the masked softmax and the descriptor reductions, which dominate in eager), for a one-time
+    compile of ~2 minutes.
     With `finetune`, `model`'s own parameters are updated in place.
     """
     console = console or Console()

@@ -5,7 +5,7 @@ One small predictor per pruning stage reads three signals and gives one relevanc
   2. interaction: the attention descriptor of the last block before the stage (`ops.interaction_descriptor`:
      per head, CLS-out, attention received from the average query, CLS-in and mean logit; O(N·d) from q and k);
   3. dynamics: how that descriptor changed from the block before it.
-A global context (mean of the per-token features over live tokens) is appended, as in DynamicViT, so each token is
+A global context (mean of the per-token features over the tokens the stage sees) is appended, as in DynamicViT, so each token is
 judged relative to the image. Any signal can be switched off for the ablation study.
 """
 
@@ -42,7 +42,7 @@ class PredictorConfig:
 
 
 class SpotPredictor(nn.Module):
-    """relevance = w2·gelu(W1·gelu([h, mean_live(h)]) + b1) + b2, with
+    """relevance = w2·gelu(W1·gelu([h, mean(h)]) + b1) + b2, with
     h = W_e·LN(token) + W_i·descriptor + W_d·(descriptor - previous descriptor) + b.
 
     The forward evaluates that same function in a cheaper order (the predictor runs on every token of a narrow model,

@@ -28,7 +28,7 @@ from .propagate_tokens import TokenPropagation
 
 
 class SoftKeep(nn.Module):
-    """Keeps the special tokens and the `keep` best live patch tokens; gradients reach the scores through sigmoid.
+    """Keeps the special tokens and the `keep` best patch tokens; gradients reach the scores through sigmoid.
 
     In training, Gumbel noise times `noise` on the scores explores other selections (DynamicViT uses full Gumbel
     noise); with small logits, full noise makes training selections near-random while inference takes a
