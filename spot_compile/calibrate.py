@@ -6,7 +6,8 @@ The student is the calibration graph (`passes.soft_pruning`): the same stages an
 with a straight-through top-k mask, masked attention in each stage's block and the kept tokens gathered after it.
 By default the backbone stays frozen and only the predictors learn; with `finetune` the backbone learns too (at
 `backbone_lr`), against a frozen copy of the dense model as teacher, so that it adapts to seeing fewer tokens. The
-tuned backbone then travels in the predictor checkpoint. Accuracy each epoch is measured with the real pruned graph on a validation split of the training set.
+tuned backbone then travels in the predictor checkpoint. Accuracy each epoch is measured with the real pruned graph
+on a validation split of the training set.
 """
 
 from __future__ import annotations

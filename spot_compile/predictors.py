@@ -5,8 +5,8 @@ One small predictor per pruning stage reads three signals and gives one relevanc
   2. interaction: the attention descriptor of the last block before the stage (`ops.interaction_descriptor`:
      per head, CLS-out, attention received from the average query, CLS-in and mean logit; O(N·d) from q and k);
   3. dynamics: how that descriptor changed from the block before it.
-A global context (mean of the per-token features over the tokens the stage sees) is appended, as in DynamicViT, so each token is
-judged relative to the image. Any signal can be switched off for the ablation study.
+A global context (mean of the per-token features over the tokens the stage sees) is appended, as in DynamicViT, so
+each token is judged relative to the image. Any signal can be switched off for the ablation study.
 """
 
 from __future__ import annotations
