@@ -16,7 +16,8 @@ from .conftest import small_vit
 
 
 @pytest.mark.parametrize("stages,keep", [((1, 2, 3), (40, 25, 12)), ((1, 3), (30, 12))], ids=["consecutive", "gap"])
-@pytest.mark.parametrize("overrides", [dict(), dict(attention="explicit", qkv="separate")], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("overrides", [dict(), dict(attention="explicit", qkv="separate"), dict(pool="avg", num_registers=2)],
+                         ids=["sdpa", "explicit", "avgpool-registers"])
 def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, keep):
     model = small_vit(**overrides)
     captured = capture(model, example_input(model, None))
@@ -35,9 +36,10 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
     assert len(masked) == len(stages)
     dim = structure.blocks[0].dim  # token gathers, not the descriptors that follow them
     gathers = [n for n in student.graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == dim]
-    assert [g.meta["val"].shape[1] for g in gathers] == [1 + k for k in keep]
+    special = structure.num_special
+    assert [g.meta["val"].shape[1] for g in gathers] == [special + k for k in keep]
     masks = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
-    assert [m.meta["val"].shape[1] for m in masks] == [65, *(1 + k for k in keep[:-1])]
+    assert [m.meta["val"].shape[1] for m in masks] == [special + 64, *(special + k for k in keep[:-1])]
     # The mask gets gradient through the masked attention.
     student.train()
     scores = {}
@@ -133,8 +135,9 @@ def test_predictor_shapes_and_cost_under_three_percent():
     assert predictor_flops / count_flops(model, x) <= 0.03
 
 
-def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path):
-    model = small_vit()
+@pytest.mark.parametrize("overrides", [dict(), dict(pool="avg", num_registers=2)], ids=["cls", "avgpool-registers"])
+def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path, overrides):
+    model = small_vit(**overrides)
     torch.manual_seed(0)
     data = ImageSet(torch.rand(256, 1, 16, 16), torch.randint(0, 10, (256,)), tuple("0123456789"))
     out = tmp_path / "pred.pt"
@@ -147,7 +150,7 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.sparse(x))
     with pytest.raises(CheckpointError, match="different model"):
-        sc.sparsify(small_vit(dim=48), sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
+        sc.sparsify(small_vit(dim=48, **overrides), sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
     with pytest.raises(CheckpointError, match="needs calibrated predictors"):
         sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"))
     old = torch.load(out, weights_only=True)

@@ -21,7 +21,6 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .. import ops
-from ..errors import StructureError
 from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
 from .propagate_tokens import TokenPropagation
@@ -62,8 +61,6 @@ def build_calibration_graph(
 
     gm = clone_graph_module(captured)
     structure = find_blocks(gm)
-    if structure.class_token is None:
-        raise StructureError("calibration needs a model that reads a class token; models that average tokens are not supported yet")
     blocks, graph, special, cls = structure.blocks, gm.graph, structure.num_special, structure.class_token
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
