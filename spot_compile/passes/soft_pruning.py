@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from .. import ops
 from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
-from .propagate_tokens import TokenPropagation
+from .propagate_tokens import TokenPropagation, fake_execute
 
 
 class SoftKeep(nn.Module):
@@ -78,6 +78,7 @@ def build_calibration_graph(
             def emit(target, *args, op="call_function", **kwargs):
                 node = graph.call_module(target, args, kwargs) if op == "call_module" else graph.call_function(target, args, kwargs)
                 node.meta[SPOT_TAG] = f"calibration@{stage}"
+                node.meta["val"] = fake_execute(gm, node)
                 return node
 
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
@@ -99,7 +100,6 @@ def build_calibration_graph(
             mask = emit(f"spot_keep_{stage}", scores, op="call_module")
         masks[stage] = mask
         _mask_attention(gm, blocks[stage], mask, qk)
-        TokenPropagation(gm, stream, {}, f"block {stage}").run()  # shape metadata for the nodes just emitted
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
         residual = blocks[stage].attn_residual
         with graph.inserting_before(residual.next):
@@ -122,6 +122,7 @@ def _mask_attention(gm: GraphModule, block, mask: Node, qk: dict) -> None:
         else:
             new = gm.graph.call_function(ops.masked_softmax, (core.args[0], mask))
     new.meta[SPOT_TAG] = "calibration mask"
+    new.meta["val"] = fake_execute(gm, new)
     core.replace_all_uses_with(new)
     gm.graph.erase_node(core)
     if block.kind != "sdpa":
