@@ -33,16 +33,18 @@ BACKBONE_LR = 3e-4
 # Predictor width, on the 5k validation split at budget 0.6 (this model): 32 -> 81.52 % (keep 131/87/58), 16 -> 81.70 %
 # (keep 133/91/62: the budget counts the predictors' FLOPs, so a cheaper predictor leaves more tokens).
 HIDDEN = 16
+TOKEN_DISTILL = 0.0
 
 
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int = HIDDEN, budget: float = 0.6, steps: int = STEPS,
                       data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
-                      finetune: bool = True, backbone_lr: float = BACKBONE_LR):
+                      finetune: bool = True, backbone_lr: float = BACKBONE_LR, token_distill: float = TOKEN_DISTILL, seed: int = 0):
     model, _ = load_shipped_model()
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
     return calibrate(model, train, val, budget, epochs=1, max_steps=steps, predictor=PredictorConfig(hidden=hidden, signals=signals),
-                     out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr)
+                     out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
+                     token_distill=token_distill, seed=seed)
 
 
 def main() -> None:
@@ -59,9 +61,11 @@ def main() -> None:
                     help="tune the backbone too (the default; its weights go into the checkpoint)")
     ap.add_argument("--freeze-backbone", dest="finetune", action="store_false", help="train the predictors alone")
     ap.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
+    ap.add_argument("--token-distill", type=float, default=TOKEN_DISTILL, help="weight of the token distillation loss")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     calibrate_shipped(args.out, tuple(args.signals.split(",")), args.hidden, args.budget, args.steps, args.data, noise=args.noise, lr=args.lr,
-                      finetune=args.finetune, backbone_lr=args.backbone_lr)
+                      finetune=args.finetune, backbone_lr=args.backbone_lr, token_distill=args.token_distill, seed=args.seed)
 
 
 if __name__ == "__main__":

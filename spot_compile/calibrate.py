@@ -1,6 +1,8 @@
 """Calibrating SPOT predictors: a short fine-tuning of the predictors against the dense model.
 
 Loss = cross-entropy on labels + 0.5 * KL(dense teacher || sparse student) on logits
+       + `token_distill` * MSE(surviving tokens, the dense model's tokens at the same positions), after the last
+         block, each token layer-normalised (DynamicViT's token distillation; scale-free, whatever the stream's norm)
        + 2 * sum over stages of (mean keep probability - stage target)^2.
 The student is the calibration graph (`passes.soft_pruning`): the same stages and static keep counts as inference,
 with a straight-through top-k mask, masked attention in each stage's block and the kept tokens gathered after it.
@@ -29,7 +31,8 @@ from .capture import capture, example_input
 from .config import SparsifyConfig, default_stages
 from .data import ImageSet
 from .passes.find_blocks import find_blocks
-from .passes.soft_pruning import build_calibration_graph
+from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
+from .plan import clone_graph_module
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
 from .training import accuracy, augment, batches, cosine_lr
 
@@ -47,7 +50,7 @@ def calibrate(
     epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
-    backbone_lr: float = 1e-4,
+    backbone_lr: float = 1e-4, token_distill: float = 0.0,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -65,7 +68,8 @@ def calibrate(
     example = example_input(model, input_size)
     captured = capture(model, example)
     # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
-    teacher_graph = capture(copy.deepcopy(model), example) if finetune else captured
+    teacher_graph = capture(copy.deepcopy(model), example) if finetune else clone_graph_module(captured)
+    teacher_tokens = tap_final_tokens(teacher_graph)
     structure = find_blocks(captured)
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
@@ -108,7 +112,7 @@ def calibrate(
             student.train()
             for m in predictors.values():
                 m.train()
-            sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "ratio": 0.0}
+            sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tok": 0.0, "ratio": 0.0}
             n = 0
             for x, y in batches(train, batch_size, shuffle=True, generator=gen):
                 if step >= total or len(y) < batch_size:
@@ -122,11 +126,13 @@ def calibrate(
                 ce = F.cross_entropy(logits, y)
                 kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
                 ratio = sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
-                loss = ce + 0.5 * kl + 2.0 * ratio
+                tok = token_loss(student.spot_final_tokens.value, teacher_tokens.value,
+                                 [keepers[s] for s in stages], structure.num_special) if token_distill else torch.zeros(())
+                loss = ce + 0.5 * kl + token_distill * tok + 2.0 * ratio
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("ratio", ratio)):
+                for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tok", tok), ("ratio", ratio)):
                     sums[key] += float(v.detach())
                 n += 1
                 step += 1
@@ -145,17 +151,29 @@ def calibrate(
         p.requires_grad_(False)
     tuned = "backbone tuned" if finetune else "backbone frozen"
     table = Table(title=f"calibration: budget {budget}, stages {list(stages)}, keep {list(keep)}, {tuned}")
-    for col in ("epoch", "loss", "CE", "KL", "keep-ratio", "val top-1 % (pruned)"):
+    for col in ("epoch", "loss", "CE", "KL", "tokens", "keep-ratio", "val top-1 % (pruned)"):
         table.add_column(col)
     for r in history:
-        table.add_row(str(r["epoch"]), f"{r['loss']:.4f}", f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r['ratio']:.5f}", f"{r['val_top1']:.2f}")
+        table.add_row(str(r["epoch"]), f"{r['loss']:.4f}", f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r.get('tok', 0.0):.4f}",
+                      f"{r['ratio']:.5f}", f"{r['val_top1']:.2f}")
     console.print(table)
     console.print(f"calibration took {seconds:.0f} s")
     ckpt = PredictorCheckpoint(predictors, tuple(stages), budget, predictor,
-                               {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune},
+                               {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune,
+                                "token_distill": token_distill},
                                backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
     if out:
         save_predictors(out, ckpt, model, structure)
         if partial:
             partial.unlink(missing_ok=True)
     return CalibrationResult(ckpt, sparse, history, seconds)
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, keepers, num_special: int) -> torch.Tensor:
+    """MSE between the student's surviving patch tokens and the teacher's tokens at the same image positions,
+    both layer-normalised without affine (the residual stream's scale is the model's business, not the loss's)."""
+    pos = kept_positions(keepers, teacher.shape[1] - num_special).to(student.device)
+    teacher = teacher[:, num_special:]
+    dim = teacher.shape[-1]
+    target = teacher.gather(1, pos.expand(teacher.shape[0], -1).unsqueeze(-1).expand(-1, -1, dim))
+    return F.mse_loss(F.layer_norm(student[:, num_special:], (dim,)), F.layer_norm(target, (dim,)))

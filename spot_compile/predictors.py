@@ -47,8 +47,8 @@ class SpotPredictor(nn.Module):
 
     The forward evaluates that same function in a cheaper order (the predictor runs on every token of a narrow model,
     where a handful of small kernels cost more than their FLOPs suggest): the three input linears as one GEMM over
-    the concatenated inputs, and the context half of W1 once per image instead of once per token (GELU is elementwise,
-    so W1·gelu([h, c]) = W1a·gelu(h) + W1b·gelu(c)).
+    the concatenated inputs, the context half of W1 once per image instead of once per token (GELU is elementwise,
+    so W1·gelu([h, c]) = W1a·gelu(h) + W1b·gelu(c)), and the last layer (one output) as a multiply-reduce.
     """
 
     attention = "descriptor"
@@ -69,7 +69,8 @@ class SpotPredictor(nn.Module):
         first, last = self.mix[1], self.mix[3]
         hid = h.shape[-1]
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)
-        return F.linear(F.gelu(z), last.weight, last.bias).squeeze(-1)
+        # A one-column GEMM is a library call of its own; as a multiply-reduce Inductor fuses it into the GELU's kernel.
+        return (F.gelu(z) * last.weight[0]).sum(-1) + last.bias
 
     def _features(self, tokens: torch.Tensor, last: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         inputs, weights, biases = [], [], []

@@ -3,13 +3,13 @@ import torch
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.calibrate import calibrate
+from spot_compile.calibrate import calibrate, token_loss
 from spot_compile.capture import capture, example_input
 from spot_compile.data import ImageSet
 from spot_compile.errors import CheckpointError
 from spot_compile.flops import count_flops
 from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.passes.soft_pruning import build_calibration_graph
+from spot_compile.passes.soft_pruning import SoftKeep, build_calibration_graph, kept_positions, tap_final_tokens
 from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors
 
 from .conftest import small_vit
@@ -40,6 +40,7 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
     assert [g.meta["val"].shape[1] for g in gathers] == [special + k for k in keep]
     masks = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
     assert [m.meta["val"].shape[1] for m in masks] == [special + 64, *(special + k for k in keep[:-1])]
+    assert student.spot_final_tokens.value.shape == (4, special + keep[-1], dim)  # the tap for token distillation
     # The mask gets gradient through the masked attention.
     student.train()
     scores = {}
@@ -47,6 +48,42 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
         p.register_forward_hook(lambda m, i, o, s=s: scores.__setitem__(s, o) or o.retain_grad())
     student(x).sum().backward()
     assert all(scores[s].grad is not None and scores[s].grad.abs().sum() > 0 for s in stages)
+
+
+def test_kept_positions_compose_the_stages_selections():
+    first, second = SoftKeep(1, 4), SoftKeep(1, 2)
+    first.eval(), second.eval()
+    first(torch.tensor([[9.0, 0, 5, 1, 6, 7, 2, 8, 3]]))  # patch tokens 0..7 scored 0 5 1 6 7 2 8 3: keeps 1, 3, 4, 6
+    second(torch.tensor([[9.0, 4, 1, 0, 3]]))  # of those four (class token first): keeps the 1st and the 4th
+    assert first.kept.tolist() == [[1, 3, 4, 6]]
+    assert kept_positions([first, second], 8).tolist() == [[1, 6]]
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pool="avg", num_registers=2)], ids=["cls", "avgpool-registers"])
+def test_token_distillation_targets_the_teachers_tokens_at_the_surviving_positions(overrides):
+    # Blocks whose residual branches output zero leave every token as it entered: the student's surviving tokens are
+    # then exactly the teacher's tokens at the positions the stages kept, so the loss must read zero - and only if the
+    # positions are composed right through all the stages.
+    model = small_vit(**overrides)
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.attn.proj, block.mlp[2]):
+                layer.weight.zero_(), layer.bias.zero_()
+    captured = capture(model, example_input(model, None))
+    structure = find_blocks(captured)
+    stages, keep = (1, 2, 3), (40, 25, 12)
+    predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    teacher = capture(model, example_input(model, None))
+    teacher_tap = tap_final_tokens(teacher)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        student(x), teacher(x)
+    chain = [keepers[s] for s in stages]
+    assert token_loss(student.spot_final_tokens.value, teacher_tap.value, chain, structure.num_special) < 1e-10
+    # A wrong composition (the last stage's indices read as if into the input) does not.
+    shuffled = [keepers[3]]
+    assert token_loss(student.spot_final_tokens.value, teacher_tap.value, shuffled, structure.num_special) > 1e-3
 
 
 def test_descriptor_from_queries_and_keys_equals_the_one_from_logits_and_respects_the_mask():
@@ -142,9 +179,9 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path, overrides):
     data = ImageSet(torch.rand(256, 1, 16, 16), torch.randint(0, 10, (256,)), tuple("0123456789"))
     out = tmp_path / "pred.pt"
     result = calibrate(model, data, data.subset(torch.arange(64)), budget=0.6, epochs=3, batch_size=32, lr=5e-3, out=out,
-                       predictor=PredictorConfig(hidden=16), compile=False)
+                       predictor=PredictorConfig(hidden=16), compile=False, token_distill=0.5)
     losses = [h["loss"] for h in result.history]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] and all(h["tok"] > 0 for h in result.history)
     loaded = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():

@@ -8,7 +8,9 @@ Matches the same stage points as `insert_pruning`. Emits at stage j (in front of
   * block j's attention rewritten to masked attention (`ops.masked_attention` for SDPA, `ops.masked_softmax` for
     an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
   * after block j's attention residual, `ops.prune_tokens(x, mask, ...)`: the kept tokens are gathered, and all
-    later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`).
+    later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`);
+  * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
+    the recipe can distill the surviving tokens towards the dense model's (`tap_final_tokens` puts one in a teacher).
 With a binary mask the output equals the pruned graph's (tested). DynamicViT masks every later block instead;
 gathering after the first one makes a calibration step of the shipped model 1.7x faster (2.85 -> 1.65 s at batch
 128 on 2 cores), at the cost of a gradient for the mask from one block's attention instead of all later blocks'.
@@ -40,6 +42,8 @@ class SoftKeep(nn.Module):
         super().__init__()
         self.num_special, self.keep, self.noise = num_special, keep, noise
         self.soft_ratio: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # (B, keep) indices of the kept patch tokens, in token order
+
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         special = torch.arange(scores.shape[1], device=scores.device) < self.num_special
@@ -48,10 +52,48 @@ class SoftKeep(nn.Module):
             u = torch.rand_like(scores).clamp_(1e-6, 1 - 1e-6)
             noisy = scores - self.noise * torch.log(-torch.log(u))
         idx = noisy.masked_fill(special, float("-inf")).topk(self.keep, dim=1).indices
+        self.kept = idx.sort(dim=1).values - self.num_special
         hard = torch.zeros_like(scores).scatter(1, idx, 1.0).masked_fill(special, 1.0)
         soft = torch.sigmoid(scores).masked_fill(special, 1.0)
         self.soft_ratio = soft[:, self.num_special:].mean(1)
         return hard + soft - soft.detach()
+
+
+class TokenTap(nn.Module):
+    """Identity that keeps the tokens passing through it (`value`), for a loss on a graph's inner tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.value = tokens
+        return tokens
+
+
+def tap_final_tokens(gm: GraphModule, stream: Node | None = None) -> TokenTap:
+    """Splices a `TokenTap` (`gm.spot_final_tokens`) after `stream`, by default the last block's output."""
+    if stream is None:
+        last = find_blocks(gm).blocks[-1]
+        stream = last.mlp_residual or last.attn_residual
+    tap = TokenTap()
+    gm.add_submodule("spot_final_tokens", tap)
+    with gm.graph.inserting_after(stream):
+        node = gm.graph.call_module("spot_final_tokens", (stream,))
+    node.meta[SPOT_TAG] = "final tokens"
+    node.meta["val"] = stream.meta.get("val")
+    stream.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    gm.graph.lint()
+    gm.recompile()
+    return tap
+
+
+def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
+    """(B, k_last): for each patch token that survives every stage, its index among the input's patch tokens."""
+    pos = None
+    for keeper in keepers:
+        pos = keeper.kept if pos is None else pos.gather(1, keeper.kept)
+    return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
 def build_calibration_graph(
@@ -65,6 +107,8 @@ def build_calibration_graph(
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
     masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
+    last = blocks[-1]
+    final = last.mlp_residual or last.attn_residual  # replaced by its gather if the last block is a stage with no MLP
     gathers: list[tuple[int, Node, int]] = []  # (first block after it, mask it gathers by, patch tokens kept)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
     for stage, k in zip(stages, keep):
@@ -106,10 +150,10 @@ def build_calibration_graph(
             gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k))
         gathered.meta[SPOT_TAG] = f"calibration gather@{stage}"
         residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+        final = gathered if final is residual else final
         TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
         gathers.append((stage + 1, mask, k))
-    gm.graph.lint()
-    gm.recompile()
+    tap_final_tokens(gm, final)
     return gm, keepers
 
 
