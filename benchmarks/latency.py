@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py --model deit_small                 # budgets 1.0,0.8,0.6,0.5; batches 1,8,64
     python benchmarks/latency.py --model shipped --policy spot      # the shipped ViT with its SPOT predictors
+    python benchmarks/latency.py --model deit_small --device cuda   # on a GPU: eager, Inductor/Triton, CUDA graphs
 
 Writes docs/results/latency_<model>[_<policy>].{json,md} and speedup_<...>.png. For a model of your own:
 spot-compile bench mymodel.py.
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from spot_compile.bench import report, run_bench
+from spot_compile.bench import DEFAULT_MODES, report, run_bench
 
 
 def build(name: str) -> tuple[torch.nn.Module, int]:
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--model", default="deit_tiny")
     ap.add_argument("--budgets", default="1.0,0.8,0.6,0.5")
     ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--modes", default="eager,compiled,frozen")
+    ap.add_argument("--modes", default=None, help="default: eager,compiled,frozen on CPU; eager,compiled,cudagraphs on CUDA")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--policy", default="class-attention", choices=["class-attention", "random", "spot"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -42,7 +44,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     console = Console()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available here")
     model, size = build(args.model)
+    model = model.to(args.device)
+    modes = tuple(args.modes.split(",")) if args.modes else DEFAULT_MODES[args.device]
     config = {"policy": args.policy}
     if args.policy == "spot":
         if args.model != "shipped":
@@ -51,9 +57,10 @@ def main() -> None:
 
         config["predictors"] = str(SHIPPED_PREDICTORS)
     rows = run_bench(model, [float(b) for b in args.budgets.split(",")], [int(b) for b in args.batches.split(",")],
-                     tuple(args.modes.split(",")), size, args.warmup, args.repeats, console, config)
+                     modes, size, args.warmup, args.repeats, console, config)
     name = args.model if args.policy == "class-attention" else f"{args.model}_{args.policy}"
-    report(rows, name, args.out_dir, console, args.repeats, args.warmup, args.policy)
+    name += "_cuda" if args.device == "cuda" else ""
+    report(rows, name, args.out_dir, console, args.repeats, args.warmup, args.policy, args.device)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, example_input
+from .capture import capture, device_of, example_input
 from .config import SparsifyConfig, default_stages
 from .errors import BudgetError, InputSizeError
 from .flops import count_flops
@@ -61,7 +61,7 @@ class SparseViT(nn.Module):
 
         # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980), and this one is reused.
         compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
-        x = torch.randn(batch, *self.plan.input_shape[1:])
+        x = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
         # Compiled now, on a batch of `batch`: Inductor reads `freezing` when it compiles, not when torch.compile is
         # called (passing it in torch.compile's `options` was measured not to freeze), and freezing needs no_grad.
         with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
@@ -81,7 +81,7 @@ class SparseViT(nn.Module):
     def export(self, batch: int = 2) -> torch.export.ExportedProgram:
         """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
         compile it ahead of time with AOTInductor (docs/serving.md)."""
-        example = torch.randn(batch, *self.plan.input_shape[1:])
+        example = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
         return torch.export.export(self.graph_module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
     @property
@@ -148,6 +148,8 @@ def scorer_factory(
     if config.policy == "random":
         return (lambda stage: RandomScorer()), None
     ckpt = load_predictor_checkpoint(config.predictors, model, structure)
+    for p in ckpt.predictors.values():
+        p.to(device_of(model))
     if config.stages is not None and tuple(config.stages) != ckpt.stages:
         raise BudgetError(f"the predictors were calibrated for stages {ckpt.stages}, not {tuple(config.stages)}; drop --stages or calibrate again")
     return (lambda stage: ckpt.predictors[stage]), ckpt.stages

@@ -3,8 +3,11 @@
 Runs are interleaved (for one budget and batch: dense and sparse of every mode, round-robin) so machine noise hits
 them all alike; each figure is the median of `repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
 speedup reaches the FLOPs limit). Modes: "eager" (the model itself vs the sparse GraphModule), "compiled"
-(`torch.compile`, Inductor defaults) and "frozen" (the same with Inductor's weight freezing, which constant-folds and
-pre-packs the weights: inference only).
+(`torch.compile`, Inductor defaults), "frozen" (the same with Inductor's weight freezing, which constant-folds and
+pre-packs the weights: inference only) and, on a GPU, "cudagraphs" (`mode="reduce-overhead"`: the whole forward
+replayed as one CUDA graph, which removes the launch cost that dominates small batches).
+The benchmark runs where the model's weights are: move the model to a GPU first to time it there (each timed call
+then ends with a device synchronisation, and peak memory is read from the CUDA allocator).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .api import sparsify
+from .capture import device_of
 from .config import SparsifyConfig
 
-MODES = ("eager", "compiled", "frozen")
+MODES = ("eager", "compiled", "frozen", "cudagraphs")
+DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
 
 
 @dataclass
@@ -67,6 +72,8 @@ def _round_robin_ms(fns, x, warmup: int, repeats: int) -> list[list[float]]:
             fn, acc = fns[(i + j) % n], times[(i + j) % n]
             t = time.perf_counter()
             fn(x)
+            if x.is_cuda:  # kernels run asynchronously: the call is over when the device is done
+                torch.cuda.synchronize()
             if i >= warmup:
                 acc.append((time.perf_counter() - t) * 1e3)
     return times
@@ -104,6 +111,8 @@ def peak_memory_mb(fn: Callable, x: torch.Tensor, tries: int = 3) -> float | Non
     runs `fn`, and reads VmHWM - VmRSS before. This sees every allocation, eager or Inductor's own buffers, which
     torch's profiler does not. Median of `tries` calls.
     """
+    if x.is_cuda:
+        return _cuda_peak_mb(fn, x)
     if _LIBC is None:
         return None
     peaks = []
@@ -119,10 +128,21 @@ def peak_memory_mb(fn: Callable, x: torch.Tensor, tries: int = 3) -> float | Non
     return statistics.median(peaks)
 
 
+def _cuda_peak_mb(fn: Callable, x: torch.Tensor) -> float:
+    """Peak CUDA memory a call of `fn(x)` allocates above what was allocated before it, in MB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
     """Both graphs under `torch.compile` in `mode`, specialised to the example's batch size (as a server with a
     fixed batch would run them) and compiled now, so that timing excludes compilation."""
-    dense_fn, sparse_fn = (g.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example))
+    options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
+    dense_fn, sparse_fn = (g.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
                            for g in (dense, sparse))
     return dense_fn, sparse_fn
 
@@ -147,7 +167,7 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                 # Every mode of this budget and batch is timed in one round-robin loop, so that modes compare with
                 # each other (compiled vs eager) as fairly as dense compares with sparse.
                 progress.update(task, description=f"budget {budget} batch {batch}: compiling")
-                x = torch.randn(batch, *shape)
+                x = torch.randn(batch, *shape, device=device_of(model))
                 torch._dynamo.reset()  # drop the previous batch's compiled graphs
                 pairs = [(model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x) for mode in modes]
                 progress.update(task, description=f"budget {budget} batch {batch}: timing")
@@ -208,7 +228,7 @@ def save_speedup_plot(rows: list[Timing], path: Path, title: str) -> None:
 
 
 def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console, repeats: int, warmup: int,
-           policy: str = "class-attention") -> None:
+           policy: str = "class-attention", device: torch.device | str = "cpu") -> None:
     table = Table(title=f"{name} ({policy}): median latency of {repeats} runs after {warmup} warm-up, dense and sparse interleaved")
     for c in COLUMNS:
         table.add_column(c)
@@ -226,9 +246,13 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     if out_dir is None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
     meta = {"model": name, "policy": policy, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": "cpu", "cpu": _cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+            "device": device.type, "cpu": _cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
             "repeats": repeats, "warmup": warmup}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    where = meta.get("gpu", f"{meta['cpu']}, {meta['threads']} threads")
     data = {**meta, "rows": [{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency,
                               "sparse_images_per_s": r.sparse_images_per_s} for r in rows], "best": best}
     (out_dir / f"latency_{name}.json").write_text(json.dumps(data, indent=2))
@@ -237,10 +261,11 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
            "| budget | batch | dense | sparse | speedup | speedup x FLOPs ratio |", "|---|---|---|---|---|---|"]
     md += [f"| {b['budget']} | {b['batch']} | {b['dense_mode']} {b['dense_ms']:.1f} ms | {b['sparse_mode']} {b['sparse_ms']:.1f} ms "
            f"| {b['speedup']:.2f}x | {b['efficiency']:.2f} |" for b in best]
-    header = (f"{name}, policy {policy}, {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']}; "
-              f"median of {repeats} after {warmup} warm-up; peak MB = resident memory one forward adds\n\n")
+    header = (f"{name}, policy {policy}, {where}, torch {meta['torch']}, {meta['date']}; "
+              f"median of {repeats} after {warmup} warm-up; peak MB = "
+              f"{'CUDA memory one forward allocates' if device.type == 'cuda' else 'resident memory one forward adds'}\n\n")
     (out_dir / f"latency_{name}.md").write_text(header + "\n".join(md) + "\n")
-    save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), CPU {meta['threads']} threads")
+    save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), {where}")
     console.print(f"wrote {out_dir}/latency_{name}.json, .md and speedup_{name}.png")
 
 

@@ -17,8 +17,16 @@ from .passes.trivial_masks import remove_trivial_masks
 _USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where the module's weights live (CPU for a module without any): inputs are made there."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | None, batch: int = 2) -> torch.Tensor:
-    """A random image batch of the model's input size: `input_size` if given, else what the model declares.
+    """A random image batch of the model's input size, on the model's device: `input_size` if given, else what the
+    model declares.
 
     Reading `img_size` / `image_size` (timm, torchvision, HF configs, spot-compile's own ViT) is only a default;
     any model works when the user passes the size.
@@ -28,7 +36,7 @@ def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | No
     if size is None:
         raise InputSizeError("cannot tell the model's input size; pass it with --input-size N (SparsifyConfig.input_size)")
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return torch.randn(batch, int(channels), int(h), int(w))
+    return torch.randn(batch, int(channels), int(h), int(w), device=device_of(model))
 
 
 def _declared(model: torch.nn.Module, names: tuple[str, ...]):

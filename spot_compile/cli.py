@@ -170,8 +170,10 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
 @model_options
 @click.option("--budgets", default="1.0,0.8,0.6,0.5", show_default=True)
 @click.option("--batches", default="1,8,64", show_default=True)
-@click.option("--modes", default="eager,compiled,frozen", show_default=True,
-              help="eager; compiled (torch.compile); frozen (torch.compile with Inductor weight freezing).")
+@click.option("--modes", default=None,
+              help="eager; compiled (torch.compile); frozen (torch.compile with Inductor weight freezing); cudagraphs "
+                   "(torch.compile mode reduce-overhead, GPU). Default: eager,compiled,frozen on CPU, eager,compiled,cudagraphs on CUDA.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time the model.")
 @click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
               help="Token scorer (default: spot with --predictors, else class-attention).")
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
@@ -179,8 +181,9 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Write latency_<file>.json, .md and speedup_<file>.png here.")
-def bench(model_file, model_name, factory, input_size, budgets, batches, modes, policy, predictors, repeats, warmup, out_dir) -> None:
-    from .bench import MODES, report, run_bench
+def bench(model_file, model_name, factory, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
+          out_dir) -> None:
+    from .bench import DEFAULT_MODES, MODES, report, run_bench
     from .config import SparsifyConfig
 
     try:
@@ -188,16 +191,18 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
         batch_list = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
-    mode_list = tuple(m.strip() for m in modes.split(","))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is available here; time on --device cpu", param_hint="--device")
+    mode_list = tuple(m.strip() for m in modes.split(",")) if modes else DEFAULT_MODES[device]
     if set(mode_list) - set(MODES):
         raise click.BadParameter(f"modes are {', '.join(MODES)}; got {modes}", param_hint="--modes")
     for b in budget_list:
         SparsifyConfig(budget=b)
     policy = policy or ("spot" if predictors else "class-attention")
     config = {"policy": policy, "predictors": str(predictors) if predictors else None}
-    model = _load(model_file, model_name, factory)
+    model = _load(model_file, model_name, factory).to(device)
     rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)
-    report(rows, model_file.stem, out_dir, console, repeats, warmup, policy)
+    report(rows, model_file.stem, out_dir, console, repeats, warmup, policy, device)
 
 
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")

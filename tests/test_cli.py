@@ -161,3 +161,10 @@ def test_bench_writes_a_table_and_json(tmp_path):
     assert row["mode"] == "eager" and row["batch"] == 2 and 0.5 < row["flops_ratio"] <= 0.6
     assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
     assert "speedup" in result.output
+    assert data["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_bench_on_cuda_without_a_gpu_says_so(tmp_path):
+    result = _run("bench", _write(tmp_path, MODEL_FILE), "--device", "cuda")
+    assert result.exit_code != 0 and "no CUDA device" in result.output
