@@ -33,6 +33,8 @@ BACKBONE_LR = 3e-4
 # Predictor width, on the 5k validation split at budget 0.6 (this model): 32 -> 81.52 % (keep 131/87/58), 16 -> 81.70 %
 # (keep 133/91/62: the budget counts the predictors' FLOPs, so a cheaper predictor leaves more tokens).
 HIDDEN = 16
+# Token distillation, on the 5k validation split at budget 0.6 (one epoch, seed 0): weight 0 -> 83.00 % (771 s), weight
+# 0.5 -> 82.98 % (738 s): no gain, so the shipped recipe distils logits only.
 TOKEN_DISTILL = 0.0
 
 
