@@ -46,6 +46,11 @@ class Block:
     taps: dict[str, Node] = field(default_factory=dict)  # attention taps already emitted on this block, by kind
 
     @property
+    def output(self) -> Node:
+        """The residual stream leaving the block (after its MLP, or its attention where it has no MLP)."""
+        return self.mlp_residual or self.attn_residual
+
+    @property
     def query(self) -> Node | None:
         return self.attention.args[0] if self.kind == "sdpa" else None
 
@@ -237,7 +242,7 @@ def _class_token(last: Block, num_special: int, flow: DataFlow) -> int | None:
 
     Register tokens are special too, but nothing reads them at the end; models that pool patch tokens have none.
     """
-    anchor = last.mlp_residual or last.attn_residual
+    anchor = last.output
     for node in sorted(flow.descendants(anchor), key=flow.order.get):
         if node.op == "call_function" and node.target == torch.ops.aten.select.int and len(shape(node.args[0])) == 3:
             dim, index = node.args[1], node.args[2]

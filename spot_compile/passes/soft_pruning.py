@@ -44,7 +44,6 @@ class SoftKeep(nn.Module):
         self.soft_ratio: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None  # (B, keep) indices of the kept patch tokens, in token order
 
-
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         special = torch.arange(scores.shape[1], device=scores.device) < self.num_special
         noisy = scores
@@ -74,8 +73,7 @@ class TokenTap(nn.Module):
 def tap_final_tokens(gm: GraphModule, stream: Node | None = None) -> TokenTap:
     """Splices a `TokenTap` (`gm.spot_final_tokens`) after `stream`, by default the last block's output."""
     if stream is None:
-        last = find_blocks(gm).blocks[-1]
-        stream = last.mlp_residual or last.attn_residual
+        stream = find_blocks(gm).blocks[-1].output
     tap = TokenTap()
     gm.add_submodule("spot_final_tokens", tap)
     with gm.graph.inserting_after(stream):
@@ -107,8 +105,7 @@ def build_calibration_graph(
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
     masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
-    last = blocks[-1]
-    final = last.mlp_residual or last.attn_residual  # replaced by its gather if the last block is a stage with no MLP
+    final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
     gathers: list[tuple[int, Node, int]] = []  # (first block after it, mask it gathers by, patch tokens kept)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
     for stage, k in zip(stages, keep):
