@@ -3,8 +3,8 @@
     python benchmarks/predictor_cost.py                        # writes docs/results/predictor_cost.{json,md}
     python benchmarks/predictor_cost.py --model deit_small     # timm DeiT-S, predictors with random weights
 
-For each batch size, round-robin in one process (median of `--repeats` after warm-up), compiled with the same
-options as `spot-compile bench`:
+For each batch size and mode (eager, torch.compile, AOTInductor), round-robin in one process (median of `--repeats`
+after warm-up), compiled with the same options as `spot-compile bench`:
   * dense: the captured model;
   * spot: SPOT with the shipped predictors at budget 0.6 (taps, predictors, top-k, gather); for a timm model,
     uncalibrated predictors of the same architecture (their cost does not depend on their weights);
@@ -57,8 +57,10 @@ def main() -> None:
     ap.add_argument("--predictors", type=Path, default=SHIPPED_PREDICTORS, help="predictor checkpoint for the shipped model")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", default="eager,compiled,aot", help="eager, compiled (torch.compile), aot (AOTInductor)")
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
+    modes = args.modes.split(",")
     console = Console()
     torch.manual_seed(0)
     if args.model == "shipped":
@@ -85,13 +87,17 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with Progress(console=console) as progress:
-        task = progress.add_task("timing", total=len(batches) * 2)
+        task = progress.add_task("timing", total=len(batches) * len(modes))
         for batch in batches:
             x = torch.randn(batch, *shape)
             torch._dynamo.reset()
-            for mode in ("eager", "compiled"):
-                fns = ([g.graph_module for g in graphs.values()] if mode == "eager" else
-                       [g.compile(verify=False, dynamic=False, batch=batch) for g in graphs.values()])
+            for mode in modes:
+                if mode == "eager":
+                    fns = [g.graph_module for g in graphs.values()]
+                elif mode == "aot":
+                    fns = [g.aot_compile(batch=batch) for g in graphs.values()]
+                else:
+                    fns = [g.compile(verify=False, dynamic=False, batch=batch) for g in graphs.values()]
                 times = dict(zip(graphs, _round_robin_ms(fns, x, args.warmup, args.repeats)))
                 ms = {k: statistics.median(v) for k, v in times.items()}
                 # Each round runs spot and bare pruning back to back: their per-round difference is far less noisy

@@ -78,6 +78,34 @@ class SparseViT(nn.Module):
             return self.graph_module
         return compiled
 
+    def aot_compile(self, batch: int = 8, *, dynamic_batch: bool = False, package_path: str | None = None) -> Callable:
+        """The graph compiled ahead of time by AOTInductor: a runner that calls one shared library, with no Python
+        between kernels and no dynamo guards, the fastest path measured for small batches (docs/performance.md).
+
+        Exported on a batch of `batch` images (the only batch size it accepts unless `dynamic_batch`). The weights
+        are copied into the library: later changes to the model are not seen (compile again). Needs a C++ compiler
+        (about 20-45 s for the shipped model on 2 cores). `package_path` keeps the `.pt2` package (load it again with
+        `torch._inductor.aoti_load_package`, no spot-compile needed); by default it is written to a temporary file.
+        """
+        import os
+        import tempfile
+
+        from .plan import clone_graph_module
+
+        example = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
+        dynamic = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
+        with torch.no_grad():
+            program = torch.export.export(clone_graph_module(self.graph_module), (example,), dynamic_shapes=dynamic)
+        if package_path is not None:
+            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=package_path))
+        fd, path = tempfile.mkstemp(suffix=".pt2", prefix="spot_compile_aot_")
+        os.close(fd)
+        try:
+            # Loading unpacks the shared library elsewhere, so the package itself can go.
+            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=path))
+        finally:
+            os.unlink(path)
+
     def export(self, batch: int = 2) -> torch.export.ExportedProgram:
         """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
         compile it ahead of time with AOTInductor (docs/serving.md)."""

@@ -4,7 +4,8 @@ Runs are interleaved (for one budget and batch: dense and sparse of every mode, 
 them all alike; each figure is the median of `repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
 speedup reaches the FLOPs limit). Modes: "eager" (the model itself vs the sparse GraphModule), "compiled"
 (`torch.compile`, Inductor defaults), "frozen" (the same with Inductor's weight freezing, which constant-folds and
-pre-packs the weights: inference only) and, on a GPU, "cudagraphs" (`mode="reduce-overhead"`: the whole forward
+pre-packs the weights: inference only), "aot" (AOTInductor: `SparseViT.aot_compile`, one shared library per graph,
+no Python or guards between kernels; weights copied in, inference only) and, on a GPU, "cudagraphs" (`mode="reduce-overhead"`: the whole forward
 replayed as one CUDA graph, which removes the launch cost that dominates small batches).
 The benchmark runs where the model's weights are: move the model to a GPU first to time it there (each timed call
 then ends with a device synchronisation, and peak memory is read from the CUDA allocator).
@@ -32,7 +33,7 @@ from .api import sparsify
 from .capture import device_of
 from .config import SparsifyConfig
 
-MODES = ("eager", "compiled", "frozen", "cudagraphs")
+MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
 DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
 
 
@@ -139,8 +140,10 @@ def _cuda_peak_mb(fn: Callable, x: torch.Tensor) -> float:
 
 
 def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
-    """Both graphs under `torch.compile` in `mode`, specialised to the example's batch size (as a server with a
-    fixed batch would run them) and compiled now, so that timing excludes compilation."""
+    """Both graphs under `torch.compile` in `mode` (or AOTInductor for "aot"), specialised to the example's batch size
+    (as a server with a fixed batch would run them) and compiled now, so that timing excludes compilation."""
+    if mode == "aot":
+        return tuple(g.aot_compile(batch=len(example)) for g in (dense, sparse))
     options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
     dense_fn, sparse_fn = (g.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
                            for g in (dense, sparse))

@@ -76,9 +76,13 @@ def interaction_descriptor(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n, d = q.shape[-2], q.shape[-1]
     q, k = q.reshape(batch, -1, n, d), k.reshape(batch, -1, n, d)
-    live, patch_w = _live_weights(batch, n, num_special, mask, q)
-    w = patch_w[:, None, :, None]
-    q_mean, k_mean = (q * w).sum(-2, keepdim=True), (k * w).sum(-2, keepdim=True)
+    if mask is None:  # every token live: plain means, no weights to build (a batch-1 forward feels each kernel)
+        live = None
+        q_mean, k_mean = q[:, :, num_special:].mean(-2, keepdim=True), k[:, :, num_special:].mean(-2, keepdim=True)
+    else:
+        live, patch_w = _live_weights(mask, num_special, q.dtype)
+        w = patch_w[:, None, :, None]
+        q_mean, k_mean = (q * w).sum(-2, keepdim=True), (k * w).sum(-2, keepdim=True)
     mean_query = (q_mean @ k.transpose(-2, -1)).squeeze(-2) * scale  # logits of the average patch query
     row_mean = (q @ k_mean.transpose(-2, -1)).squeeze(-1) * scale  # each token's mean logit over patch keys
     if cls is None:
@@ -104,29 +108,40 @@ def descriptor_from_logits(
     """
     n = logits.shape[-1]
     a = logits.reshape(batch, -1, n, n)
-    live, patch_w = _live_weights(batch, n, num_special, mask, a)
-    mean_query = (a * patch_w[:, None, :, None]).sum(-2)
-    row_mean = (a * patch_w[:, None, None, :]).sum(-1)
+    if mask is None:
+        live = None
+        mean_query, row_mean = a[:, :, num_special:, :].mean(-2), a[:, :, :, num_special:].mean(-1)
+    else:
+        live, patch_w = _live_weights(mask, num_special, a.dtype)
+        mean_query = (a * patch_w[:, None, :, None]).sum(-2)
+        row_mean = (a * patch_w[:, None, None, :]).sum(-1)
     cls_row, cls_col = (None, None) if cls is None else (a[:, :, cls, :], a[:, :, :, cls])
     return _descriptor(cls_row, cls_col, mean_query, row_mean, live)
 
 
-def _live_weights(batch: int, n: int, num_special: int, mask: torch.Tensor | None, like: torch.Tensor):
+def _live_weights(mask: torch.Tensor, num_special: int, dtype: torch.dtype):
     """(live (B, N) in {0, 1}, live patch tokens weighted 1/their count (B, N))."""
-    live = torch.ones(batch, n, dtype=like.dtype, device=like.device) if mask is None else mask.to(like.dtype)
+    live = mask.to(dtype)
     patch = torch.cat([torch.zeros_like(live[:, :num_special]), live[:, num_special:]], dim=1)
     return live, patch / patch.sum(1, keepdim=True)
 
 
-def _descriptor(cls_row, cls_col, mean_query, row_mean, live) -> torch.Tensor:
-    dead = (live == 0)[:, None, :]
-    n_live = live.sum(1)[:, None, None]
+def _descriptor(cls_row, cls_col, mean_query, row_mean, live: torch.Tensor | None) -> torch.Tensor:
+    """`live` None: every token is live."""
     # Softmax-normalised features are scaled by the live count so they are O(1) whatever N is (uniform: 1).
-    received = mean_query.masked_fill(dead, float("-inf")).softmax(-1) * n_live
+    if live is None:
+        def live_softmax(x):
+            return x.softmax(-1) * x.shape[-1]
+    else:
+        dead, n_live = (live == 0)[:, None, :], live.sum(1)[:, None, None]
+
+        def live_softmax(x):
+            return x.masked_fill(dead, float("-inf")).softmax(-1) * n_live
+    received = live_softmax(mean_query)
     if cls_row is None:
         cls_out = cls_in = torch.zeros_like(received)
     else:
-        cls_out = cls_row.masked_fill(dead, float("-inf")).softmax(-1) * n_live
+        cls_out = live_softmax(cls_row)
         cls_in = cls_col - row_mean
     feats = torch.stack([cls_out, received, cls_in, row_mean], dim=-1)  # (B, H, N, 4)
     b, _, n, _ = feats.shape

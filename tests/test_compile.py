@@ -39,3 +39,16 @@ def test_compile_never_hands_back_something_slower_than_eager(monkeypatch, caplo
         slow_compile = sparse.compile(batch=4)
     assert slow_compile is sparse.graph_module and sparse.compile_choice["chosen"] == "eager"
     assert "slower than eager" in caplog.text
+
+
+def test_aot_compile_matches_eager_and_keeps_no_package(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
+    runner = sparse.aot_compile(batch=3, dynamic_batch=True)
+    with torch.no_grad():
+        for batch in (3, 5):
+            x = torch.randn(batch, 1, 16, 16)
+            torch.testing.assert_close(runner(x), sparse(x), atol=1e-4, rtol=1e-4)
+    assert not list(tmp_path.glob("spot_compile_aot_*"))  # the temporary package is removed once loaded
