@@ -9,17 +9,20 @@ from __future__ import annotations
 import torch
 
 
-def prune_tokens(tokens: torch.Tensor, scores: torch.Tensor, num_special: int, keep: int, fuse: bool = False) -> torch.Tensor:
+def prune_tokens(
+    tokens: torch.Tensor, scores: torch.Tensor, num_special: int, keep: int, fuse: bool = False,
+    kept_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Keeps the `num_special` leading tokens and the `keep` best-scored others, in their original order.
 
     With `fuse`, the dropped tokens are averaged (weighted by softmax of their scores) into one extra last token,
-    as EViT does, so their information is not lost entirely.
+    as EViT does, so their information is not lost entirely. `kept_idx`, if given, is
+    `kept_patch_indices(scores, num_special, keep)` computed once for every tensor pruned by the same scores
+    (top-k and sort are library calls that Inductor does not merge when they appear twice).
     """
     special, rest = tokens[:, :num_special], tokens[:, num_special:]
     rest_scores = scores[:, num_special:]
-    # Sorting the kept indices keeps the surviving tokens in raster order: later stages and the token maps rely
-    # on it, and it costs a sort of `keep` integers.
-    idx = rest_scores.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = kept_patch_indices(scores, num_special, keep) if kept_idx is None else kept_idx
     kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     if not fuse:
         return torch.cat([special, kept], dim=1)
@@ -29,9 +32,16 @@ def prune_tokens(tokens: torch.Tensor, scores: torch.Tensor, num_special: int, k
     return torch.cat([special, kept, fused], dim=1)
 
 
+def kept_patch_indices(scores: torch.Tensor, num_special: int, keep: int) -> torch.Tensor:
+    """(B, keep): the indices, among the non-special tokens, of the `keep` best-scored ones, ascending."""
+    # Sorting the kept indices keeps the surviving tokens in raster order: later stages and the token maps rely
+    # on it, and it costs a sort of `keep` integers.
+    return scores[:, num_special:].topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+
 def kept_indices(scores: torch.Tensor, num_special: int, keep: int) -> torch.Tensor:
     """The token indices (into the stage's input) that `prune_tokens` keeps, special tokens first."""
-    idx = scores[:, num_special:].topk(keep, dim=1, sorted=False).indices.sort(dim=1).values + num_special
+    idx = kept_patch_indices(scores, num_special, keep) + num_special
     special = torch.arange(num_special, device=scores.device).expand(scores.shape[0], -1)
     return torch.cat([special, idx], dim=1)
 

@@ -24,8 +24,8 @@ class _PruneRecorder(Interpreter):
 
     def run_node(self, n):
         if n in self.stream_prunes:
-            (_, scores, num_special, keep, _fuse), _ = self.fetch_args_kwargs_from_env(n)
-            self.kept.append(ops.kept_indices(scores, num_special, keep))
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.kept.append(ops.kept_indices(*args[1:4]))  # scores, num_special, keep
         return super().run_node(n)
 
 

@@ -148,8 +148,14 @@ def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention(
         assert ops.attention_probs not in targets
         with torch.no_grad():
             outputs.append(sparse(x))
-    fused_graph = sc.sparsify(fused, config, scorers=predictors).graph_module.graph
+    fused_sparse = sc.sparsify(fused, config, scorers=predictors)
+    fused_graph = fused_sparse.graph_module.graph
     assert sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in fused_graph.nodes) == 4
+    # One top-k per stage in the ATen graph Inductor gets, though the taps of blocks 0 and 1 are carried through
+    # later stages' selections.
+    carried = [n for n in fused_graph.nodes if n.target is ops.prune_tokens and "spot_block" not in n.meta]
+    aten_graph = fused_sparse.export().graph
+    assert carried and sum(n.target is torch.ops.aten.topk.default for n in aten_graph.nodes) == 3
     # Same weights, same predictors: the descriptor read from q/k selects what the one read from logits selects.
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
 

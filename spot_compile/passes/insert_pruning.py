@@ -9,8 +9,9 @@ Emits, right after that node:
     `attention_probs -> matmul` and the probabilities feed both the block and the tap, so attention is not paid
     twice. A tap on a block before an earlier prune point is carried through that prune's selection;
   * `call_module spot_scorer_<j>` (the scorer), giving scores (B, N);
-  * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse)`, which every later user of the stream
-    now reads;
+  * `call_function ops.kept_patch_indices(scores, num_special, keep)`, the top-k, once per stage;
+  * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse, kept)`, which every later user of the
+    stream now reads (a tap carried through this stage is gathered by the same `kept`);
 then re-derives all downstream shapes with `TokenPropagation`.
 """
 
@@ -53,7 +54,8 @@ def insert_pruning(
                 tap = emitter(ops.prune_tokens, tap, *p.args[1:])
         taps.append(tap)
     scores = emitter(name, stream, *taps, op="call_module")
-    pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse)
+    kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)
+    pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse, kept)
     pruned.meta["spot_block"] = before_block
     stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes)
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
