@@ -3,8 +3,9 @@
     python benchmarks/latency.py --model deit_small                 # budgets 1.0,0.8,0.6,0.5; batches 1,8,64
     python benchmarks/latency.py --model shipped --policy spot      # the shipped ViT with its SPOT predictors
     python benchmarks/latency.py --model deit_small --device cuda   # on a GPU: eager, Inductor/Triton, CUDA graphs
+    python benchmarks/latency.py --model shipped --modes eager,compiled,aot --batches 1 --repeats 100 --tag batch1
 
-Writes docs/results/latency_<model>[_<policy>].{json,md} and speedup_<...>.png. For a model of your own:
+Writes docs/results/latency_<model>[_<policy>][_<tag>].{json,md} and speedup_<...>.png. For a model of your own:
 spot-compile bench mymodel.py.
 """
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--tag", default="", help="appended to the output names, e.g. batch1 for a run with --batches 1")
     args = ap.parse_args()
     torch.manual_seed(0)
     console = Console()
@@ -60,6 +62,7 @@ def main() -> None:
                      modes, size, args.warmup, args.repeats, console, config)
     name = args.model if args.policy == "class-attention" else f"{args.model}_{args.policy}"
     name += "_cuda" if args.device == "cuda" else ""
+    name += f"_{args.tag}" if args.tag else ""
     report(rows, name, args.out_dir, console, args.repeats, args.warmup, args.policy, args.device)
 
 
