@@ -96,15 +96,15 @@ class SparseViT(nn.Module):
         dynamic = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
         with torch.no_grad():
             program = torch.export.export(clone_graph_module(self.graph_module), (example,), dynamic_shapes=dynamic)
-        if package_path is not None:
-            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=package_path))
-        fd, path = tempfile.mkstemp(suffix=".pt2", prefix="spot_compile_aot_")
-        os.close(fd)
+        temporary = package_path is None
+        if temporary:
+            fd, package_path = tempfile.mkstemp(suffix=".pt2", prefix="spot_compile_aot_")
+            os.close(fd)
         try:
-            # Loading unpacks the shared library elsewhere, so the package itself can go.
-            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=path))
+            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program, package_path=package_path))
         finally:
-            os.unlink(path)
+            if temporary:  # loading unpacked the shared library elsewhere, so the package itself can go
+                os.unlink(package_path)
 
     def export(self, batch: int = 2) -> torch.export.ExportedProgram:
         """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
