@@ -30,7 +30,7 @@ from rich.table import Table
 from torch import nn
 
 import spot_compile as sc
-from spot_compile.bench import _cpu_name, _round_robin_ms
+from spot_compile.bench import _cpu_name, _round_robin_ms, MODES, compiled_fn
 from spot_compile.capture import capture, example_input
 from spot_compile.config import default_stages
 from spot_compile.passes.find_blocks import find_blocks
@@ -57,10 +57,12 @@ def main() -> None:
     ap.add_argument("--predictors", type=Path, default=SHIPPED_PREDICTORS, help="predictor checkpoint for the shipped model")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compiled,aot", help="eager, compiled (torch.compile), aot (AOTInductor)")
+    ap.add_argument("--modes", default="eager,compiled,aot", help=f"comma-separated, from {', '.join(MODES)}")
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
     modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        ap.error(f"unknown mode(s) {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
     console = Console()
     torch.manual_seed(0)
     if args.model == "shipped":
@@ -92,12 +94,7 @@ def main() -> None:
             x = torch.randn(batch, *shape)
             torch._dynamo.reset()
             for mode in modes:
-                if mode == "eager":
-                    fns = [g.graph_module for g in graphs.values()]
-                elif mode == "aot":
-                    fns = [g.aot_compile(batch=batch) for g in graphs.values()]
-                else:
-                    fns = [g.compile(verify=False, dynamic=False, batch=batch) for g in graphs.values()]
+                fns = [compiled_fn(g, mode, x) for g in graphs.values()]
                 times = dict(zip(graphs, _round_robin_ms(fns, x, args.warmup, args.repeats)))
                 ms = {k: statistics.median(v) for k, v in times.items()}
                 # Each round runs spot and bare pruning back to back: their per-round difference is far less noisy

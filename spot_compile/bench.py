@@ -139,15 +139,21 @@ def _cuda_peak_mb(fn: Callable, x: torch.Tensor) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
-    """Both graphs under `torch.compile` in `mode` (or AOTInductor for "aot"), specialised to the example's batch size
-    (as a server with a fixed batch would run them) and compiled now, so that timing excludes compilation."""
+def compiled_fn(graph, mode: str, example: torch.Tensor) -> Callable:
+    """One captured graph as `mode` runs it: its GraphModule for "eager", AOTInductor for "aot", else `torch.compile`
+    (frozen weights for "frozen", CUDA graphs for "cudagraphs"), specialised to the example's batch size (as a server
+    with a fixed batch would run it) and compiled now, so that timing excludes compilation."""
+    if mode == "eager":
+        return graph.graph_module
     if mode == "aot":
-        return tuple(g.aot_compile(batch=len(example)) for g in (dense, sparse))
+        return graph.aot_compile(batch=len(example))
     options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
-    dense_fn, sparse_fn = (g.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
-                           for g in (dense, sparse))
-    return dense_fn, sparse_fn
+    return graph.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
+
+
+def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
+    """Both graphs as `mode` runs them (see `compiled_fn`)."""
+    return compiled_fn(dense, mode, example), compiled_fn(sparse, mode, example)
 
 
 @torch.no_grad()

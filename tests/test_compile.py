@@ -52,3 +52,19 @@ def test_aot_compile_matches_eager_and_keeps_no_package(tmp_path, monkeypatch):
             x = torch.randn(batch, 1, 16, 16)
             torch.testing.assert_close(runner(x), sparse(x), atol=1e-4, rtol=1e-4)
     assert not list(tmp_path.glob("spot_compile_aot_*"))  # the temporary package is removed once loaded
+
+
+def test_compiled_fn_hands_each_benchmark_mode_its_compile_path(monkeypatch):
+    from spot_compile.bench import MODES, compiled_fn
+
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
+    calls = []
+    monkeypatch.setattr(type(sparse), "compile", lambda self, **kw: calls.append(("compile", kw)) or "compiled")
+    monkeypatch.setattr(type(sparse), "aot_compile", lambda self, batch, **kw: calls.append(("aot", batch)) or "aot")
+    x = torch.randn(3, 1, 16, 16)
+    fns = {mode: compiled_fn(sparse, mode, x) for mode in MODES}
+    assert fns == {"eager": sparse.graph_module, "compiled": "compiled", "frozen": "compiled", "aot": "aot",
+                   "cudagraphs": "compiled"}
+    same = {"verify": False, "dynamic": False, "batch": 3}
+    assert calls == [("compile", {"freezing": False, **same}), ("compile", {"freezing": True, **same}), ("aot", 3),
+                     ("compile", {"freezing": False, **same, "mode": "reduce-overhead"})]
