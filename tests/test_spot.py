@@ -38,6 +38,11 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
     gathers = [n for n in student.graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == dim]
     special = structure.num_special
     assert [g.meta["val"].shape[1] for g in gathers] == [special + k for k in keep]
+    # One top-k of each stage's mask, shared by the stream's gather and the descriptors carried past the stage.
+    indices = [n for n in student.graph.nodes if n.target is ops.kept_patch_indices]
+    assert len(indices) == len(stages)
+    prunes = [n for n in student.graph.nodes if n.target is ops.prune_tokens]
+    assert len(prunes) > len(stages) and all(n.args[5] in indices for n in prunes)
     masks = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
     assert [m.meta["val"].shape[1] for m in masks] == [special + 64, *(special + k for k in keep[:-1])]
     assert student.spot_final_tokens.value.shape == (4, special + keep[-1], dim)  # the tap for token distillation

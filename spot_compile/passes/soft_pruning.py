@@ -7,7 +7,8 @@ Matches the same stage points as `insert_pruning`. Emits at stage j (in front of
     static k as inference;
   * block j's attention rewritten to masked attention (`ops.masked_attention` for SDPA, `ops.masked_softmax` for
     an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
-  * after block j's attention residual, `ops.prune_tokens(x, mask, ...)`: the kept tokens are gathered, and all
+  * `ops.kept_patch_indices(mask, ...)`, once per stage: the kept tokens' indices (the mask's top-k);
+  * after block j's attention residual, `ops.prune_tokens(x, mask, ..., kept)`: the kept tokens are gathered, and all
     later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`);
   * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
     the recipe can distill the surviving tokens towards the dense model's (`tap_final_tokens` puts one in a teacher).
@@ -106,7 +107,7 @@ def build_calibration_graph(
     keepers: dict[int, SoftKeep] = {}
     masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
     final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
-    gathers: list[tuple[int, Node, int]] = []  # (first block after it, mask it gathers by, patch tokens kept)
+    gathers: list[tuple[int, Node, int, Node]] = []  # (first block after it, mask, patch tokens kept, their indices)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
     for stage, k in zip(stages, keep):
         stream = blocks[stage].input
@@ -133,23 +134,25 @@ def build_calibration_graph(
                     descriptors[b.index] = (node, 0)
                 node, followed = descriptors[b.index]
                 later = [g for g in gathers if g[0] > b.index]
-                for _, by, kept in later[followed:]:  # align it with the stream: follow the gathers made since
-                    node = emit(ops.prune_tokens, node, by, special, kept)
+                for _, by, count, kept in later[followed:]:  # align it with the stream: follow the gathers made since
+                    node = emit(ops.prune_tokens, node, by, special, count, False, kept)
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module")
             mask = emit(f"spot_keep_{stage}", scores, op="call_module")
+            # One top-k of the mask per stage, shared by the stream's gather and every descriptor carried past it.
+            kept = emit(ops.kept_patch_indices, mask, special, k)
         masks[stage] = mask
         _mask_attention(gm, blocks[stage], mask, qk)
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
         residual = blocks[stage].attn_residual
         with graph.inserting_before(residual.next):
-            gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k))
+            gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k, False, kept))
         gathered.meta[SPOT_TAG] = f"calibration gather@{stage}"
         residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
         final = gathered if final is residual else final
         TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
-        gathers.append((stage + 1, mask, k))
+        gathers.append((stage + 1, mask, k, kept))
     tap_final_tokens(gm, final)
     return gm, keepers
 
