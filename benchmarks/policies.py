@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--ablation-dir", type=Path, default=Path("runs/ablation"))
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false",
+                    help="skip the signal ablations (each one not cached in --ablation-dir is a full calibration)")
     args = ap.parse_args()
     console = Console()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def main() -> None:
     if args.limit:
         test = test.subset(torch.arange(args.limit))
     predictors = {"spot": SHIPPED_PREDICTORS}
-    for dropped in SIGNALS:
+    for dropped in SIGNALS if args.ablations else ():
         kept = tuple(s for s in SIGNALS if s != dropped)
         path = args.ablation_dir / f"no-{dropped}.pt"
         if not path.is_file():
