@@ -38,13 +38,14 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
     gathers = [n for n in student.graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == dim]
     special = structure.num_special
     assert [g.meta["val"].shape[1] for g in gathers] == [special + k for k in keep]
-    # One top-k of each stage's mask, shared by the stream's gather and the descriptors carried past the stage.
-    indices = [n for n in student.graph.nodes if n.target is ops.kept_patch_indices]
-    assert len(indices) == len(stages)
+    # One top-k per stage (SoftKeep's), whose indices the stream's gather and the descriptors carried past the stage share.
+    assert not [n for n in student.graph.nodes if n.target is ops.kept_patch_indices]
+    decisions = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
+    assert len(decisions) == len(stages)
+    indices = [u for d in decisions for u in d.users if u.args[1] == 1]
     prunes = [n for n in student.graph.nodes if n.target is ops.prune_tokens]
-    assert len(prunes) > len(stages) and all(n.args[5] in indices for n in prunes)
-    masks = [n for n in student.graph.nodes if n.op == "call_module" and n.target.startswith("spot_keep_")]
-    assert [m.meta["val"].shape[1] for m in masks] == [special + 64, *(special + k for k in keep[:-1])]
+    assert len(indices) == len(stages) and len(prunes) > len(stages) and all(n.args[5] in indices for n in prunes)
+    assert [d.meta["val"][0].shape[1] for d in decisions] == [special + 64, *(special + k for k in keep[:-1])]
     assert student.spot_final_tokens.value.shape == (4, special + keep[-1], dim)  # the tap for token distillation
     # The mask gets gradient through the masked attention.
     student.train()

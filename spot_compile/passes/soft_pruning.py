@@ -4,10 +4,10 @@ Matches the same stage points as `insert_pruning`. Emits at stage j (in front of
   * attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits`) on the preceding blocks,
     mask-aware where that block attended under a mask, and carried through the gathers made since;
   * the scorer and `call_module spot_keep_<j>` (`SoftKeep`): a straight-through top-k mask (B, N) with the same
-    static k as inference;
+    static k as inference, and the kept tokens' indices from that same top-k (one per stage, shared by the
+    stream's gather and every descriptor carried past the stage);
   * block j's attention rewritten to masked attention (`ops.masked_attention` for SDPA, `ops.masked_softmax` for
     an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
-  * `ops.kept_patch_indices(mask, ...)`, once per stage: the kept tokens' indices (the mask's top-k);
   * after block j's attention residual, `ops.prune_tokens(x, mask, ..., kept)`: the kept tokens are gathered, and all
     later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`);
   * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
@@ -18,6 +18,8 @@ gathering after the first one makes a calibration step of the shipped model 1.7x
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
@@ -35,8 +37,9 @@ class SoftKeep(nn.Module):
     In training, Gumbel noise times `noise` on the scores explores other selections (DynamicViT uses full Gumbel
     noise); with small logits, full noise makes training selections near-random while inference takes a
     deterministic top-k, so the scale is a knob. `soft_ratio` (B,) is the mean keep probability over the patch
-    tokens, for the keep-ratio loss. Kept tokens read 1 and dropped ones 0 in the forward pass, so
-    `ops.prune_tokens(x, mask, ...)` gathers exactly the kept ones.
+    tokens, for the keep-ratio loss. Returns (mask, kept): kept tokens read 1 and dropped ones 0 in the forward
+    pass of the mask, and `kept` (B, keep) holds the kept patch tokens' indices in token order, which is what
+    `ops.kept_patch_indices(mask, ...)` would find again with a second top-k.
     """
 
     def __init__(self, num_special: int, keep: int, noise: float = 0.3) -> None:
@@ -45,7 +48,7 @@ class SoftKeep(nn.Module):
         self.soft_ratio: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None  # (B, keep) indices of the kept patch tokens, in token order
 
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         special = torch.arange(scores.shape[1], device=scores.device) < self.num_special
         noisy = scores
         if self.training and self.noise > 0:
@@ -56,7 +59,7 @@ class SoftKeep(nn.Module):
         hard = torch.zeros_like(scores).scatter(1, idx, 1.0).masked_fill(special, 1.0)
         soft = torch.sigmoid(scores).masked_fill(special, 1.0)
         self.soft_ratio = soft[:, self.num_special:].mean(1)
-        return hard + soft - soft.detach()
+        return hard + soft - soft.detach(), self.kept
 
 
 class TokenTap(nn.Module):
@@ -139,9 +142,8 @@ def build_calibration_graph(
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module")
-            mask = emit(f"spot_keep_{stage}", scores, op="call_module")
-            # One top-k of the mask per stage, shared by the stream's gather and every descriptor carried past it.
-            kept = emit(ops.kept_patch_indices, mask, special, k)
+            decision = emit(f"spot_keep_{stage}", scores, op="call_module")
+            mask, kept = emit(operator.getitem, decision, 0), emit(operator.getitem, decision, 1)
         masks[stage] = mask
         _mask_attention(gm, blocks[stage], mask, qk)
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
