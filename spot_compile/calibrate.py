@@ -1,6 +1,6 @@
 """Calibrating SPOT predictors: a short fine-tuning of the predictors against the dense model.
 
-Loss = cross-entropy on labels + 0.5 * KL(dense teacher || sparse student) on logits
+Loss = cross-entropy on labels + `logit_distill` (0.5) * KL(dense teacher || sparse student) on logits
        + `token_distill` * MSE(surviving tokens, the dense model's tokens at the same positions), after the last
          block, each token layer-normalised (DynamicViT's token distillation; scale-free, whatever the stream's norm)
        + 2 * sum over stages of (mean keep probability - stage target)^2.
@@ -50,7 +50,7 @@ def calibrate(
     epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
-    backbone_lr: float = 1e-4, token_distill: float = 0.0,
+    backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -68,15 +68,17 @@ def calibrate(
     example = example_input(model, input_size)
     captured = capture(model, example)
     # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
-    teacher_graph = capture(copy.deepcopy(model), example) if finetune else clone_graph_module(captured)
-    teacher_tokens = tap_final_tokens(teacher_graph)
+    distill = bool(logit_distill or token_distill)  # without distillation no teacher runs: a step is that much cheaper
+    teacher_graph = (capture(copy.deepcopy(model), example) if finetune else clone_graph_module(captured)) if distill else None
+    teacher_tokens = tap_final_tokens(teacher_graph) if distill else None
     structure = find_blocks(captured)
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
-    run_student, run_teacher = (torch.compile(student), torch.compile(teacher_graph)) if compile else (student, teacher_graph)
+    run_student = torch.compile(student) if compile else student
+    run_teacher = torch.compile(teacher_graph) if compile and distill else teacher_graph
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
         targets.append(k / alive)
@@ -121,14 +123,15 @@ def calibrate(
                     g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=g["base_lr"])
                 x = augment(x, gen)
                 with torch.no_grad():
-                    teacher = run_teacher(x)
+                    teacher = run_teacher(x) if distill else None
                 logits = run_student(x)
                 ce = F.cross_entropy(logits, y)
-                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+                kl = (F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+                      if logit_distill else torch.zeros(()))
                 ratio = sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
                 tok = token_loss(student.spot_final_tokens.value, teacher_tokens.value,
                                  [keepers[s] for s in stages], structure.num_special) if token_distill else torch.zeros(())
-                loss = ce + 0.5 * kl + token_distill * tok + 2.0 * ratio
+                loss = ce + logit_distill * kl + token_distill * tok + 2.0 * ratio
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -160,7 +163,7 @@ def calibrate(
     console.print(f"calibration took {seconds:.0f} s")
     ckpt = PredictorCheckpoint(predictors, tuple(stages), budget, predictor,
                                {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune,
-                                "token_distill": token_distill},
+                                "token_distill": token_distill, "logit_distill": logit_distill},
                                backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
     if out:
         save_predictors(out, ckpt, model, structure)

@@ -140,12 +140,14 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--freeze-backbone/--finetune", default=True, show_default=True,
               help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
-@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped predictors used 3e-4; docs/spot.md).")
+@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped predictors used 1e-3; docs/spot.md).")
 @click.option("--token-distill", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the loss that pulls the surviving tokens towards the dense model's (0: logits only).")
+@click.option("--logit-distill", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Weight of the KL to the dense model's logits (0 with --token-distill 0: no teacher runs, each step is cheaper).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, hidden, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill, out) -> None:
+              noise, signals, hidden, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill, logit_distill, out) -> None:
     from .calibrate import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -162,7 +164,8 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         raise click.BadParameter(str(e), param_hint="--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
-        noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill)
+        noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
+        logit_distill=logit_distill)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

@@ -209,14 +209,23 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path, overrides):
         sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(tmp_path / "old.pt")))
 
 
-def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path):
+@pytest.mark.parametrize("logit_distill", [0.5, 0.0], ids=["distilled", "no-teacher"])
+def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path, monkeypatch, logit_distill):
+    import spot_compile.calibrate as calibration
+
+    captures = []
+    monkeypatch.setattr(calibration, "capture", lambda *a: captures.append(a) or capture(*a))
     model = small_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     data = ImageSet(torch.rand(128, 1, 16, 16), torch.randint(0, 10, (128,)), tuple("0123456789"))
     out = tmp_path / "pred.pt"
     result = calibrate(model, data, data.subset(torch.arange(32)), budget=0.6, epochs=2, batch_size=32, lr=5e-3,
-                       out=out, predictor=PredictorConfig(hidden=16), compile=False, finetune=True, backbone_lr=1e-3)
+                       out=out, predictor=PredictorConfig(hidden=16), compile=False, finetune=True, backbone_lr=1e-3,
+                       logit_distill=logit_distill)
+    # The student's graph, plus the teacher's (a frozen copy of the dense model) only when something is distilled.
+    assert len(captures) == (2 if logit_distill else 1)
+    assert all((h["kl"] > 0) == bool(logit_distill) for h in result.history)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "blocks.0.attn.qkv.weight" in changed and not any(p.requires_grad for p in model.parameters())
     fresh = small_vit()  # the same initial weights as `model` had
