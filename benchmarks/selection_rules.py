@@ -20,6 +20,7 @@ The attention maps are read with forward hooks on the shipped ViT's own modules,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split  # noqa: E402
 from spot_compile.predictors import with_tuned_backbone  # noqa: E402
-from spot_compile.training import batches  # noqa: E402
+from spot_compile.training import accuracy  # noqa: E402
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
 
 RULES = ("random", "spatially uniform", "foreground first", "oracle: last-block class attention",
@@ -65,6 +66,7 @@ class PositionScores(nn.Module):
         return torch.cat([special, patch], dim=1)
 
 
+@functools.cache
 def farthest_point_order(side: int) -> torch.Tensor:
     """(side*side,) scores: the centre first, then each next position as far as possible from those already taken."""
     pts = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).float()
@@ -144,18 +146,18 @@ def main() -> None:
         for bname, backbone in backbones.items():
             scorer = PositionScores(1)
             sparse = sc.sparsify(backbone, sc.SparsifyConfig(keep=keep, stages=stages), scorers={s: scorer for s in stages})
-            results["no pruning"][bname] = evaluate(lambda x, y: backbone(x), val)
+            results["no pruning"][bname] = accuracy(backbone, val)
             progress.advance(task)
             for rule in RULES:
                 gen = torch.Generator().manual_seed(0)
 
-                def run(x, y, rule=rule, gen=gen):
+                def run(x, rule=rule, gen=gen):
                     scorer.scores = rule_scores(rule, backbone, x, dense.cfg.patch_size, gen)
                     return sparse(x)
 
-                results[rule][bname] = evaluate(run, val)
+                results[rule][bname] = accuracy(run, val)
                 progress.advance(task)
-        results["spot (shipped predictors)"]["SPOT-tuned backbone"] = evaluate(lambda x, y: spot(x), val)
+        results["spot (shipped predictors)"]["SPOT-tuned backbone"] = accuracy(spot, val)
         progress.advance(task)
 
     table = Table(title=f"top-1 % on the 5k validation split, budget {args.budget}: stages {list(stages)}, keep {list(keep)}")
@@ -176,14 +178,6 @@ def main() -> None:
               f"`python benchmarks/selection_rules.py`; top-1 % on the {meta['split']}.\n\n")
     (args.out_dir / "selection_rules.md").write_text(header + "\n".join(md) + "\n")
     console.print(f"wrote {args.out_dir}/selection_rules.json, selection_rules.md")
-
-
-@torch.no_grad()
-def evaluate(forward, data) -> float:
-    correct = 0
-    for x, y in batches(data, 500, shuffle=False):
-        correct += int((forward(x, y).argmax(-1) == y).sum())
-    return 100.0 * correct / len(data)
 
 
 if __name__ == "__main__":

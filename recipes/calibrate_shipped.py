@@ -24,6 +24,7 @@ from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 # gathering calibration graph (passes/soft_pruning.py), which took 771 s on 2 cores including the compile (the masked
 # graph took 1198 s: over the 15-minute budget).
 STEPS = 429
+BATCH = 128
 NOISE = 0.3  # measured on the 5k validation split at budget 0.6: noise 1.0 -> 67.3 %, 0 -> 71.5 %, 0.3 -> 72.1 %
 LR = 3e-3
 # Backbone learning rate with --finetune, on the 5k validation split at budget 0.6, for the shipped 10-epoch model
@@ -50,8 +51,8 @@ def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int
     model, _ = load_shipped_model()
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
-    epochs = -(-steps * 128 // len(train))  # enough passes for `steps` full batches of 128
-    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, predictor=PredictorConfig(hidden=hidden, signals=signals),
+    epochs = -(-steps // (len(train) // BATCH))  # enough passes for `steps` full batches (calibrate drops a ragged last one)
+    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH, predictor=PredictorConfig(hidden=hidden, signals=signals),
                      out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
                      token_distill=token_distill, logit_distill=logit_distill, seed=seed)
 
