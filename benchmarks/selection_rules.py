@@ -20,7 +20,6 @@ The attention maps are read with forward hooks on the shipped ViT's own modules,
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
+from spot_compile.coverage import coverage_prior  # noqa: E402
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split  # noqa: E402
 from spot_compile.predictors import with_tuned_backbone  # noqa: E402
 from spot_compile.training import accuracy  # noqa: E402
@@ -66,20 +66,6 @@ class PositionScores(nn.Module):
         return torch.cat([special, patch], dim=1)
 
 
-@functools.cache
-def farthest_point_order(side: int) -> torch.Tensor:
-    """(side*side,) scores: the centre first, then each next position as far as possible from those already taken."""
-    pts = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).float()
-    order = [side * (side // 2) + side // 2]
-    dist = ((pts - pts[order[0]]) ** 2).sum(-1)
-    for _ in range(side * side - 1):
-        order.append(int(dist.argmax()))
-        dist = torch.minimum(dist, ((pts - pts[order[-1]]) ** 2).sum(-1))
-    scores = torch.empty(side * side)
-    scores[torch.tensor(order)] = -torch.arange(side * side, dtype=torch.float)
-    return scores
-
-
 @torch.no_grad()
 def attention_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Each block's attention probabilities (B, N, N), mean over heads, from the dense forward of the shipped ViT."""
@@ -103,7 +89,7 @@ def rule_scores(rule: str, model: nn.Module, x: torch.Tensor, patch: int, gen: t
     if rule == "random":
         return torch.rand(b, side * side, generator=gen)
     if rule == "spatially uniform":
-        return farthest_point_order(side).expand(b, -1)
+        return coverage_prior(side * side).expand(b, -1)
     if rule == "foreground first":
         mass = F.avg_pool2d(x.mean(1, keepdim=True), patch).flatten(1)
         return mass - mass.amin(1, keepdim=True) + 1e-4 * torch.rand(mass.shape, generator=gen)  # random among background

@@ -32,6 +32,16 @@ def prune_tokens(
     return torch.cat([special, kept, fused], dim=1)
 
 
+def token_positions(tokens: torch.Tensor, num_special: int) -> torch.Tensor:
+    """(B, N, 1) float32: each token's index among the patch tokens of `tokens` (special tokens read -1).
+
+    Carried through later prunes like a token feature (`prune_tokens` gathers it with the stream), it tells a stage
+    where its surviving tokens sit in the image. float32 holds any realistic token count exactly, unlike bf16.
+    """
+    pos = (torch.arange(tokens.shape[1], device=tokens.device) - num_special).clamp(min=-1).to(torch.float32)
+    return pos[None, :, None].expand(tokens.shape[0], -1, 1)
+
+
 def kept_patch_indices(scores: torch.Tensor, num_special: int, keep: int) -> torch.Tensor:
     """(B, keep): the indices, among the non-special tokens, of the `keep` best-scored ones, ascending."""
     # Sorting the kept indices keeps the surviving tokens in raster order: later stages and the token maps rely

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact import fingerprint, read_checkpoint
+from .coverage import coverage_prior
 from .errors import CheckpointError
 from .passes.find_blocks import ModelStructure
 
@@ -32,6 +33,10 @@ DESCRIPTOR_FEATURES = 4  # per head, see ops.descriptor_from_logits
 class PredictorConfig:
     hidden: int = 32
     signals: tuple[str, ...] = SIGNALS
+    # Weight of the fixed spatial coverage prior added to every relevance logit (`coverage.coverage_prior`, in [0, 1]):
+    # 0 is SPOT as published; a large weight is a fixed uniform thinning of the grid that the logits only reorder
+    # where they differ by more than the prior does.
+    coverage: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.signals) - set(SIGNALS)
@@ -39,11 +44,14 @@ class PredictorConfig:
             raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {self.signals}")
         if self.hidden < 1:
             raise ValueError(f"hidden must be a positive width, got {self.hidden}")
+        if not self.coverage >= 0:
+            raise ValueError(f"coverage must be a weight >= 0, got {self.coverage}")
 
 
 class SpotPredictor(nn.Module):
     """relevance = w2·gelu(W1·gelu([h, mean(h)]) + b1) + b2, with
-    h = W_e·LN(token) + W_i·descriptor + W_d·(descriptor - previous descriptor) + b.
+    h = W_e·LN(token) + W_i·descriptor + W_d·(descriptor - previous descriptor) + b,
+    plus `config.coverage` times the token's coverage prior when that weight is not zero.
 
     The forward evaluates that same function in a cheaper order (the predictor runs on every token of a narrow model,
     where a handful of small kernels cost more than their FLOPs suggest): the three input linears as one GEMM over
@@ -54,23 +62,37 @@ class SpotPredictor(nn.Module):
     attention = "descriptor"
     history = 2  # the last two blocks: their descriptors and the change between them
 
-    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig()) -> None:
+    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig(), patch_tokens: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.positions = config.coverage > 0  # asks the pass for each token's grid position
+        if self.positions:
+            if patch_tokens is None:
+                raise ValueError("a predictor with a coverage prior needs the model's patch token count")
+            # Not saved: it follows from the token count, which the checkpoint's fingerprint already pins.
+            self.register_buffer("prior", coverage_prior(patch_tokens), persistent=False)
         feat, hid = DESCRIPTOR_FEATURES * heads, config.hidden
         self.embedding = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hid)) if "embedding" in config.signals else None
         self.interaction = nn.Linear(feat, hid) if "interaction" in config.signals else None
         self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
         self.mix = nn.Sequential(nn.GELU(), nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
 
-    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self._features(tokens, descriptors[-1], descriptors[-2] if len(descriptors) > 1 else descriptors[-1])
         context = h.mean(dim=1, keepdim=True)
         first, last = self.mix[1], self.mix[3]
         hid = h.shape[-1]
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)
         # A one-column GEMM is a library call of its own; as a multiply-reduce Inductor fuses it into the GELU's kernel.
-        return (F.gelu(z) * last.weight[0]).sum(-1) + last.bias
+        logits = (F.gelu(z) * last.weight[0]).sum(-1) + last.bias
+        if not self.positions:
+            return logits
+        if positions is None:
+            raise ValueError("this predictor has a coverage prior: call it with positions= (the pruning pass does)")
+        pos = positions.squeeze(-1)
+        # A fused token (`fuse_pruned`) carries a weighted mean of the dropped positions: it reads the nearest one's prior.
+        prior = self.prior[pos.round().long().clamp(0, self.prior.numel() - 1)]
+        return logits + self.config.coverage * torch.where(pos >= 0, prior, torch.zeros_like(prior))
 
     def _features(self, tokens: torch.Tensor, last: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         inputs, weights, biases = [], [], []
@@ -93,7 +115,7 @@ class SpotPredictor(nn.Module):
 def make_predictors(structure: ModelStructure, stages: tuple[int, ...], config: PredictorConfig) -> dict[int, SpotPredictor]:
     torch.manual_seed(0)
     b = structure.blocks[0]
-    return {s: SpotPredictor(b.dim, b.heads, config) for s in stages}
+    return {s: SpotPredictor(b.dim, b.heads, config, structure.tokens - structure.num_special) for s in stages}
 
 
 @dataclass
@@ -129,7 +151,7 @@ def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure)
     if data["fingerprint"] != fingerprint(model, structure):
         raise CheckpointError(f"{path} was calibrated for a different model (structure or parameter shapes differ); calibrate predictors for this model")
     cfg = json.loads(data["config"])
-    config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]))
+    config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]), coverage=cfg.get("coverage", 0.0))
     stages = tuple(data["stages"])
     predictors = make_predictors(structure, stages, config)
     for s, p in predictors.items():

@@ -4,7 +4,9 @@ A scorer is an `nn.Module` with `forward(tokens, *attention) -> scores (B, N)` a
   * `attention`: what the pass must tap from the preceding blocks: "none", "class" (class-token attention row,
     cheap for fused attention), "received" (mean attention received; forms the matrix) or "descriptor"
     (`ops.interaction_descriptor` per layer, from q/k);
-  * `history`: how many preceding blocks to tap (never across an earlier prune point).
+  * `history`: how many preceding blocks to tap (never across an earlier prune point);
+  * `positions` (optional, default False): if set, the pass also passes `positions=` (B, N, 1), each token's index
+    among the input's patch tokens (-1 for special tokens), so a scorer can use where a token sits in the image.
 """
 
 from __future__ import annotations

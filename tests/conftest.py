@@ -29,3 +29,18 @@ def variant(request):
 def images():
     torch.manual_seed(1)
     return torch.randn(3, 1, 16, 16)
+
+
+def calibration_and_pruned_graphs(model, stages, keep, predictors):
+    """(calibration graph in eval mode, its SoftKeep modules, the pruned inference graph) for the same predictors."""
+    import spot_compile as sc
+    from spot_compile.capture import capture, example_input
+    from spot_compile.passes.soft_pruning import build_calibration_graph
+
+    captured = capture(model, example_input(model, None))
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    student.eval()
+    for k in keepers.values():
+        k.eval()
+    return student, keepers, sparse

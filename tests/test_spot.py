@@ -12,7 +12,7 @@ from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.passes.soft_pruning import SoftKeep, build_calibration_graph, kept_positions, tap_final_tokens
 from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors
 
-from .conftest import small_vit
+from .conftest import calibration_and_pruned_graphs, small_vit
 
 
 @pytest.mark.parametrize("stages,keep", [((1, 2, 3), (40, 25, 12)), ((1, 3), (30, 12))], ids=["consecutive", "gap"])
@@ -20,14 +20,9 @@ from .conftest import small_vit
                          ids=["sdpa", "explicit", "avgpool-registers"])
 def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, keep):
     model = small_vit(**overrides)
-    captured = capture(model, example_input(model, None))
-    structure = find_blocks(captured)
+    structure = find_blocks(capture(model, example_input(model, None)))
     predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
-    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
-    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
-    student.eval()
-    for k in keepers.values():
-        k.eval()
+    student, keepers, sparse = calibration_and_pruned_graphs(model, stages, keep, predictors)
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(student(x), sparse(x), atol=1e-5, rtol=1e-4)

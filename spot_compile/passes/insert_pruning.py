@@ -8,7 +8,9 @@ Emits, right after that node:
     (attention received, for models without a class token) materialise it once at that block: the block's fused SDPA becomes
     `attention_probs -> matmul` and the probabilities feed both the block and the tap, so attention is not paid
     twice. A tap on a block before an earlier prune point is carried through that prune's selection;
-  * `call_module spot_scorer_<j>` (the scorer), giving scores (B, N);
+  * for a scorer with `positions` set, `ops.token_positions` of the first block's input, carried through every
+    earlier prune: each surviving token's index in the patch grid;
+  * `call_module spot_scorer_<j>` (the scorer, with `positions=` if it asked for them), giving scores (B, N);
   * `call_function ops.kept_patch_indices(scores, num_special, keep)`, the top-k, once per stage;
   * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse, kept)`, which every later user of the
     stream now reads (a tap carried through this stage is gathered by the same `kept`);
@@ -53,7 +55,13 @@ def insert_pruning(
             if b.index < p.meta["spot_block"]:
                 tap = emitter(ops.prune_tokens, tap, *p.args[1:])
         taps.append(tap)
-    scores = emitter(name, stream, *taps, op="call_module")
+    kwargs = {}
+    if getattr(scorer, "positions", False):  # where the surviving tokens sit: from the first block's input, carried
+        pos = emitter(ops.token_positions, blocks[0].input, structure.num_special)
+        for p in earlier_prunes:
+            pos = emitter(ops.prune_tokens, pos, *p.args[1:])
+        kwargs["positions"] = pos
+    scores = emitter(name, stream, *taps, op="call_module", **kwargs)
     kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)
     pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse, kept)
     pruned.meta["spot_block"] = before_block
@@ -68,10 +76,10 @@ class _Emitter:
     def __init__(self, gm: GraphModule, anchor: Node, tag: str) -> None:
         self.gm, self.anchor, self.tag, self.nodes = gm, anchor, tag, []
 
-    def __call__(self, target, *args, op: str = "call_function", before: Node | None = None) -> Node:
+    def __call__(self, target, *args, op: str = "call_function", before: Node | None = None, **kwargs) -> Node:
         graph = self.gm.graph
         with graph.inserting_before(before or self.anchor):
-            node = graph.call_module(target, args) if op == "call_module" else graph.call_function(target, args)
+            node = graph.call_module(target, args, kwargs) if op == "call_module" else graph.call_function(target, args, kwargs)
         node.meta[SPOT_TAG] = self.tag
         if before is None:  # nodes at the anchor get their shapes from the propagation that follows
             self.nodes.append(node)

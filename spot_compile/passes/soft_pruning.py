@@ -3,6 +3,7 @@
 Matches the same stage points as `insert_pruning`. Emits at stage j (in front of block j):
   * attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits`) on the preceding blocks,
     mask-aware where that block attended under a mask, and carried through the gathers made since;
+  * for a scorer with `positions` set, the patch-grid index of each token alive at the stage (as in `insert_pruning`);
   * the scorer and `call_module spot_keep_<j>` (`SoftKeep`): a straight-through top-k mask (B, N) with the same
     static k as inference, and the kept tokens' indices from that same top-k (one per stage, shared by the
     stream's gather and every descriptor carried past the stage);
@@ -141,7 +142,13 @@ def build_calibration_graph(
                     node = emit(ops.prune_tokens, node, by, special, count, False, kept)
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
-            scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module")
+            kwargs = {}
+            if getattr(scorer, "positions", False):
+                pos = emit(ops.token_positions, blocks[0].input, special)
+                for _, by, count, kept in gathers:
+                    pos = emit(ops.prune_tokens, pos, by, special, count, False, kept)
+                kwargs["positions"] = pos
+            scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", **kwargs)
             decision = emit(f"spot_keep_{stage}", scores, op="call_module")
             mask, kept = emit(operator.getitem, decision, 0), emit(operator.getitem, decision, 1)
         masks[stage] = mask
