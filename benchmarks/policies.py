@@ -3,8 +3,8 @@
     python benchmarks/policies.py            # writes docs/results/policies.{json,md,png} and token_maps.png
 
 Policies: dense, SPOT (calibrated, shipped predictors), class-attention top-k (training-free, EViT-like), random
-tokens, and SPOT with each input signal removed (ablations, calibrated here with the same recipe if not cached in
-runs/ablation/). SPOT's predictors are calibrated once, at budget 0.6, and used at every budget: they rank tokens,
+tokens, and SPOT with each input signal removed, and without the coverage prior when the recipe uses one (ablations,
+calibrated here with the same recipe if not cached in runs/ablation/). SPOT's predictors are calibrated once, at budget 0.6, and used at every budget: they rank tokens,
 and the budget sets how many are kept.
 """
 
@@ -24,6 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a folder of scripts, not installed
 import spot_compile as sc  # noqa: E402
+from recipes.calibrate_shipped import COVERAGE, calibrate_shipped  # noqa: E402
 from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset, normalize  # noqa: E402
 from spot_compile.predictors import SIGNALS  # noqa: E402
 from spot_compile.training import accuracy  # noqa: E402
@@ -51,14 +52,14 @@ def main() -> None:
     if args.limit:
         test = test.subset(torch.arange(args.limit))
     predictors = {"spot": SHIPPED_PREDICTORS}
-    for dropped in SIGNALS if args.ablations else ():
-        kept = tuple(s for s in SIGNALS if s != dropped)
+    ablations = {dropped: {"signals": tuple(s for s in SIGNALS if s != dropped)} for dropped in SIGNALS}
+    if COVERAGE:
+        ablations["coverage"] = {"coverage": 0.0}
+    for dropped, change in ablations.items() if args.ablations else ():
         path = args.ablation_dir / f"no-{dropped}.pt"
         if not path.is_file():
-            from recipes.calibrate_shipped import calibrate_shipped
-
             console.print(f"calibrating the ablation without {dropped} -> {path}")
-            calibrate_shipped(path, kept, data=args.data, console=console)
+            calibrate_shipped(path, data=args.data, console=console, **change)
         predictors[f"spot -{dropped}"] = path
 
     dense_acc = accuracy(model, test)

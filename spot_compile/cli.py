@@ -135,6 +135,8 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")
+@click.option("--coverage", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the fixed spatial coverage prior added to the relevance logits (docs/spot.md).")
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
@@ -147,7 +149,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
               help="Weight of the KL to the dense model's logits (0 with --token-distill 0: no teacher runs, each step is cheaper).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, hidden, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill, logit_distill, out) -> None:
+              noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill, logit_distill, out) -> None:
     from .calibrate import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -159,7 +161,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     _, channels, size, _ = example_input(model, input_size).shape
     train, val = train_val_split(load_dataset(data_dir, "train", size, channels), min(val_size, 5000), seed=seed)
     try:
-        predictor = PredictorConfig(hidden=hidden, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
+        predictor = PredictorConfig(hidden=hidden, coverage=coverage, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--signals") from None
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,

@@ -127,6 +127,12 @@ def test_budget_that_is_not_a_number_is_a_usage_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_negative_coverage_weight_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--coverage", "-1", "--out", str(tmp_path / "p.pt")])
+    assert result.exit_code == 2 and "Invalid value for '--coverage'" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_apply_exports_a_program_with_the_same_outputs(tmp_path):
     path = _write(tmp_path, "import torch\ntorch.manual_seed(0)\n" + MODEL_FILE)  # same weights at every load
     pt2 = tmp_path / "sparse.pt2"
