@@ -42,7 +42,10 @@ def test_a_dominant_prior_keeps_the_farthest_point_prefix_at_every_stage(overrid
     predictors = make_predictors(structure, stages, PredictorConfig(hidden=16, coverage=1e4))
     sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
     graph = sparse.graph_module.graph
-    assert sum(n.target is ops.token_positions for n in graph.nodes) == len(stages)
+    # Positions are emitted once and each stage's carry continues the previous one: one gather per prune in between.
+    assert sum(n.target is ops.token_positions for n in graph.nodes) == 1
+    carried = [n for n in graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == 1]
+    assert len(carried) == len(stages) - 1
     scorer_calls = [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("spot_scorer_")]
     assert len(scorer_calls) == 3 and all(n.kwargs["positions"].meta["val"].shape[1] == n.args[0].meta["val"].shape[1]
                                           for n in scorer_calls)
@@ -70,7 +73,7 @@ def test_calibration_graph_with_a_prior_equals_hard_pruning_and_the_checkpoint_k
         without = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"),
                               scorers=make_predictors(structure, stages, PredictorConfig(hidden=16)))
         assert not torch.allclose(without(x), sparse(x))  # the prior changed the selection
-    assert sum(n.target is ops.token_positions for n in student.graph.nodes) == len(stages)
+    assert sum(n.target is ops.token_positions for n in student.graph.nodes) == 1
     out = tmp_path / "pred.pt"
     save_predictors(out, PredictorCheckpoint(predictors, stages, 0.6, PredictorConfig(hidden=16, coverage=1.0)), model, structure)
     loaded = load_predictor_checkpoint(out, model, structure)

@@ -8,8 +8,8 @@ Emits, right after that node:
     (attention received, for models without a class token) materialise it once at that block: the block's fused SDPA becomes
     `attention_probs -> matmul` and the probabilities feed both the block and the tap, so attention is not paid
     twice. A tap on a block before an earlier prune point is carried through that prune's selection;
-  * for a scorer with `positions` set, `ops.token_positions` of the first block's input, carried through every
-    earlier prune: each surviving token's index in the patch grid;
+  * for a scorer with `positions` set, each surviving token's index in the patch grid: `ops.token_positions` of the
+    first block's input, emitted once, and carried through the prunes made since the last stage that read it;
   * `call_module spot_scorer_<j>` (the scorer, with `positions=` if it asked for them), giving scores (B, N);
   * `call_function ops.kept_patch_indices(scores, num_special, keep)`, the top-k, once per stage;
   * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse, kept)`, which every later user of the
@@ -57,9 +57,10 @@ def insert_pruning(
         taps.append(tap)
     kwargs = {}
     if getattr(scorer, "positions", False):  # where the surviving tokens sit: from the first block's input, carried
-        pos = emitter(ops.token_positions, blocks[0].input, structure.num_special)
-        for p in earlier_prunes:
+        pos, followed = structure.positions or (emitter(ops.token_positions, blocks[0].input, structure.num_special), 0)
+        for p in earlier_prunes[followed:]:
             pos = emitter(ops.prune_tokens, pos, *p.args[1:])
+        structure.positions = (pos, len(earlier_prunes))
         kwargs["positions"] = pos
     scores = emitter(name, stream, *taps, op="call_module", **kwargs)
     kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)

@@ -113,6 +113,7 @@ def build_calibration_graph(
     final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
     gathers: list[tuple[int, Node, int, Node]] = []  # (first block after it, mask, patch tokens kept, their indices)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
+    positions: tuple[Node, int] | None = None  # token grid positions, and how many gathers they have followed
     for stage, k in zip(stages, keep):
         stream = blocks[stage].input
         scorer = scorers[stage]
@@ -143,10 +144,11 @@ def build_calibration_graph(
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
             kwargs = {}
-            if getattr(scorer, "positions", False):
-                pos = emit(ops.token_positions, blocks[0].input, special)
-                for _, by, count, kept in gathers:
+            if getattr(scorer, "positions", False):  # emitted once, then carried through the gathers made since
+                pos, followed = positions or (emit(ops.token_positions, blocks[0].input, special), 0)
+                for _, by, count, kept in gathers[followed:]:
                     pos = emit(ops.prune_tokens, pos, by, special, count, False, kept)
+                positions = (pos, len(gathers))
                 kwargs["positions"] = pos
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", **kwargs)
             decision = emit(f"spot_keep_{stage}", scores, op="call_module")
