@@ -192,9 +192,14 @@ COLUMNS = ("budget", "mode", "batch", "dense ms", "sparse ms", "speedup", "FLOPs
            "sparse img/s", "peak MB dense / sparse")
 
 
+def _ms(ms: float) -> str:
+    # Two decimals below 10 ms: GPU latencies of a small model are fractions of a millisecond.
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
 def _cells(r: Timing) -> list[str]:
     mem = "-" if r.dense_peak_mb is None else f"{r.dense_peak_mb:.0f} / {r.sparse_peak_mb:.0f}"
-    return [str(r.budget), r.mode, str(r.batch), f"{r.dense_ms:.1f}", f"{r.sparse_ms:.1f}", f"{r.speedup:.2f}x",
+    return [str(r.budget), r.mode, str(r.batch), _ms(r.dense_ms), _ms(r.sparse_ms), f"{r.speedup:.2f}x",
             f"{r.flops_ratio:.3f}", f"{r.efficiency:.2f}", f"{r.sparse_images_per_s:.0f}", mem]
 
 
@@ -249,8 +254,8 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     for c in ("budget", "batch", "dense", "sparse", "speedup", "x FLOPs ratio"):
         best_table.add_column(c)
     for b in best:
-        best_table.add_row(str(b["budget"]), str(b["batch"]), f"{b['dense_mode']} {b['dense_ms']:.1f} ms",
-                           f"{b['sparse_mode']} {b['sparse_ms']:.1f} ms", f"{b['speedup']:.2f}x", f"{b['efficiency']:.2f}")
+        best_table.add_row(str(b["budget"]), str(b["batch"]), f"{b['dense_mode']} {_ms(b['dense_ms'])} ms",
+                           f"{b['sparse_mode']} {_ms(b['sparse_ms'])} ms", f"{b['speedup']:.2f}x", f"{b['efficiency']:.2f}")
     console.print(best_table)
     if out_dir is None:
         return
@@ -268,7 +273,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md += ["", "Fastest path (best dense mode vs best sparse mode):", "",
            "| budget | batch | dense | sparse | speedup | speedup x FLOPs ratio |", "|---|---|---|---|---|---|"]
-    md += [f"| {b['budget']} | {b['batch']} | {b['dense_mode']} {b['dense_ms']:.1f} ms | {b['sparse_mode']} {b['sparse_ms']:.1f} ms "
+    md += [f"| {b['budget']} | {b['batch']} | {b['dense_mode']} {_ms(b['dense_ms'])} ms | {b['sparse_mode']} {_ms(b['sparse_ms'])} ms "
            f"| {b['speedup']:.2f}x | {b['efficiency']:.2f} |" for b in best]
     header = (f"{name}, policy {policy}, {where}, torch {meta['torch']}, {meta['date']}; "
               f"median of {repeats} after {warmup} warm-up; peak MB = "

@@ -2,12 +2,17 @@
 
 On CPU, SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which torch's counter has no formula
 for, so it would count attention as free. We register torch's own SDPA formula for it (`sdpa_flop_count`), so
-the count matches what the MATH backend's matmuls read.
+the count matches what the MATH backend's matmuls read. On other devices the fused kernel SDPA picks (flash,
+memory-efficient, cuDNN) depends on the build and the card, and the counter knows formulas for some of them only, so
+there attention is counted under the MATH backend, whose matmuls every build counts.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -22,6 +27,7 @@ if _cpu_flash not in flop_registry and _cpu_flash.default not in flop_registry:
 @torch.no_grad()
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     """FLOPs (2 per multiply-add) of one forward pass of `model` on `example`."""
-    with FlopCounterMode(display=False) as counter:
+    math_attention = sdpa_kernel(SDPBackend.MATH) if example.device.type != "cpu" else contextlib.nullcontext()
+    with math_attention, FlopCounterMode(display=False) as counter:
         model(example)
     return int(counter.get_total_flops())
