@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
@@ -32,14 +33,20 @@ def fake_mode_of(gm: GraphModule):
 
 
 def fake_execute(gm: GraphModule, node: Node, mode=None):
-    """Runs one node on the fake values of its inputs and returns its fake output (shape metadata)."""
+    """Runs one node on the fake values of its inputs and returns its fake output (shape metadata).
+
+    Under the Python dispatcher, as torch.export runs: composite ops (matmul, linear, einsum) then use their
+    symbolic-shape-aware decompositions. Without it, torch 2.11's C++ matmul reads concrete sizes, which pins the
+    dynamic batch to the example's 2 for the whole graph (measured: every reshape after the first prune read
+    `[2, ...]` and batch 1 failed).
+    """
     mode = mode or fake_mode_of(gm)
     args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-    with mode:
+    with mode, enable_python_dispatcher():
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-            return torch.func.functional_call(module, {k: mode.from_tensor(v) for k, v in state.items()}, args, kwargs)
+            return torch.func.functional_call(module, {k: mode.from_tensor(v, static_shapes=True) for k, v in state.items()}, args, kwargs)
         return node.target(*args, **kwargs)
 
 
@@ -101,6 +108,21 @@ class TokenPropagation:
                 self._rewrite_expand(node)
             node.meta["val"] = self._execute(node)
             self._learn_counts(node)
+        self._check_batch_dynamic()
+
+    def _check_batch_dynamic(self) -> None:
+        """Refuses a propagation that pinned the dynamic batch to the example's size: the graph would then reject
+        every other batch size (or, where a reshape only reorders, mix images) instead of failing here."""
+        shape_env = self.mode.shape_env
+        if shape_env is None:
+            return
+        for sym in shape_env.var_to_sources:  # the input sizes torch.export made dynamic: the batch
+            pinned = shape_env.replacements.get(sym)
+            if getattr(pinned, "is_number", False):
+                raise StructureError(
+                    f"pruning at {self.stage} pinned the dynamic batch size to {pinned} while re-deriving shapes "
+                    f"(torch {torch.__version__}); this is a spot-compile bug: please report it"
+                )
 
     # -- shape-argument rewrites ------------------------------------------------------------------------------
     def _rewrite_view(self, node: Node) -> None:
