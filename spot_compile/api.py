@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, device_of, example_input
+from .capture import capture, device_of, example_input, first_line
 from .config import SparsifyConfig, default_stages
 from .errors import BudgetError, InputSizeError
 from .flops import count_flops
@@ -54,7 +54,8 @@ class SparseViT(nn.Module):
         another batch size is not frozen). With `verify`, the compiled graph is then timed against the eager one on
         that batch (median of 5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower
         than eager; the timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager
-        wins. Batch size may vary (dynamic after the first change).
+        wins. Also with `verify`, a compile that fails inside torch returns the eager graph with a warning (the error
+        is kept in `self.compile_choice`); without it, the failure is raised. Batch size may vary (dynamic after the first change).
         """
         from .bench import _median_pair
         from .plan import clone_graph_module
@@ -64,8 +65,18 @@ class SparseViT(nn.Module):
         x = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
         # Compiled now, on a batch of `batch`: Inductor reads `freezing` when it compiles, not when torch.compile is
         # called (passing it in torch.compile's `options` was measured not to freeze), and freezing needs no_grad.
-        with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
-            compiled(x)
+        try:
+            with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
+                compiled(x)
+        except Exception as e:
+            if not verify:  # the caller asked for the compiled graph itself (benchmarks): no silent substitute
+                raise
+            # An Inductor failure is torch's, not the user's: the eager graph still computes the same thing.
+            # (Seen: torch 2.11 + CUDA, the shipped SPOT graph, "InductorError: ... is not comparable".)
+            self.compile_choice = {"chosen": "eager", "error": first_line(e), "batch": batch}
+            logger.warning("torch.compile failed for this graph (%s); returning the eager graph",
+                           self.compile_choice["error"])
+            return self.graph_module
         if not verify:
             return compiled
         with torch.no_grad():

@@ -30,7 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .api import sparsify
-from .capture import device_of
+from .capture import device_of, first_line
 from .config import SparsifyConfig
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
@@ -178,12 +178,20 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                 progress.update(task, description=f"budget {budget} batch {batch}: compiling")
                 x = torch.randn(batch, *shape, device=device_of(model))
                 torch._dynamo.reset()  # drop the previous batch's compiled graphs
-                pairs = [(model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x) for mode in modes]
+                pairs = {}
+                for mode in modes:
+                    try:
+                        pairs[mode] = (model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x)
+                    except Exception as e:  # one mode's compiler failure must not lose the other modes' figures
+                        console.print(f"[yellow]budget {budget} batch {batch}: {mode} failed to compile, left out "
+                                      f"({first_line(e)})")
+                        progress.advance(task)
                 progress.update(task, description=f"budget {budget} batch {batch}: timing")
-                ms = _medians([fn for pair in pairs for fn in pair], x, warmup, repeats)
-                for i, (mode, (d_fn, s_fn)) in enumerate(zip(modes, pairs)):
-                    rows.append(Timing(budget, mode, batch, ms[2 * i], ms[2 * i + 1], sparse.plan.flops_ratio,
-                                       peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x)))
+                ms = _medians([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
+                for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):
+                    # CUDA graphs replay in a memory pool allocated at capture: the allocator sees no new memory
+                    peak = (None, None) if mode == "cudagraphs" else (peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x))
+                    rows.append(Timing(budget, mode, batch, ms[2 * i], ms[2 * i + 1], sparse.plan.flops_ratio, *peak))
                     progress.advance(task)
     return rows
 

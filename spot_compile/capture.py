@@ -63,7 +63,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
                 model(example)
         except Exception as e:  # the model's own forward rejected the input: a size/channel mistake, not tracing
             raise InputSizeError(
-                f"the model rejects a {tuple(example.shape)} input ({_first_line(e)}); pass the right size with --input-size "
+                f"the model rejects a {tuple(example.shape)} input ({first_line(e)}); pass the right size with --input-size "
                 "(for other than 3 input channels, give the model an `in_chans` attribute)"
             ) from e
         chatter = io.StringIO()
@@ -74,7 +74,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
             where = _USER_LINE.findall(chatter.getvalue() + str(e))
             at = f" at {where[-1][0]} (`{where[-1][1].strip()}`)" if where else ""
             raise CaptureError(
-                f"torch.export cannot capture the model{at}: {_first_line(e)}; make the forward traceable "
+                f"torch.export cannot capture the model{at}: {first_line(e)}; make the forward traceable "
                 "(no data-dependent Python control flow, no untraceable ops) - see docs/errors.md"
             ) from e
     finally:
@@ -96,6 +96,7 @@ def _quiet_torch_logs():
             lg.setLevel(level)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a one-line warning or error."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

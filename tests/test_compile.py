@@ -68,3 +68,33 @@ def test_compiled_fn_hands_each_benchmark_mode_its_compile_path(monkeypatch):
     same = {"verify": False, "dynamic": False, "batch": 3}
     assert calls == [("compile", {"freezing": False, **same}), ("compile", {"freezing": True, **same}), ("aot", 3),
                      ("compile", {"freezing": False, **same, "mode": "reduce-overhead"})]
+
+
+def test_a_compile_that_fails_inside_torch_falls_back_to_eager(monkeypatch, caplog):
+    import pytest
+
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
+
+    def broken(*args, **kwargs):
+        def run(x):
+            raise RuntimeError("InductorError: ValueError: The argument '-1 + ((0))' is not comparable.")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="spot_compile"):
+        fallback = sparse.compile(batch=2)
+    assert fallback is sparse.graph_module and sparse.compile_choice["chosen"] == "eager"
+    assert "not comparable" in sparse.compile_choice["error"] and "returning the eager graph" in caplog.text
+    with pytest.raises(RuntimeError, match="not comparable"):  # benchmarks ask for the compiled graph itself
+        sparse.compile(batch=2, verify=False)
+
+
+def test_bench_leaves_out_a_mode_that_fails_to_compile(monkeypatch):
+    import spot_compile.bench as bench
+
+    def compiled_pair(dense, sparse, mode, example):
+        raise RuntimeError(f"{mode} is broken here")
+
+    monkeypatch.setattr(bench, "compiled_pair", compiled_pair)
+    rows = bench.run_bench(small_vit(), [0.6], [2], ("eager", "compiled"), warmup=1, repeats=2)
+    assert [(r.mode, r.batch) for r in rows] == [("eager", 2)] and rows[0].sparse_ms > 0

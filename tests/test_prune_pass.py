@@ -87,3 +87,19 @@ def test_kept_token_maps_follow_the_stages():
     assert [m.shape for m in maps] == [(2, 64), (2, 64)]
     assert maps[0].sum(1).tolist() == [40, 40] and maps[1].sum(1).tolist() == [17, 17]
     assert bool((maps[1] <= maps[0]).all())  # a token dropped once stays dropped
+
+
+def test_a_propagation_that_pins_the_batch_is_refused():
+    """torch 2.11's C++ matmul, run on fake tensors outside the Python dispatcher, guarded the batch to the
+    example's 2, and every later reshape then read [2, ...]. The same guard, forced here, must be refused."""
+    from .conftest import small_vit
+
+    model = small_vit()
+    captured = capture(model, example_input(model, None))
+    structure = find_blocks(captured)
+    fine, _ = build_sparse(captured, (2,), (20,), lambda s: ClassAttentionScorer(structure.has_class_token))
+    assert fine(torch.randn(3, 1, 16, 16)).shape == (3, 10)  # the normal build keeps the batch dynamic
+    batch = next(n for n in captured.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    assert int(batch) == 2  # int() on a symbolic size guards it to its hint, as the C++ matmul did
+    with pytest.raises(StructureError, match="pinned the dynamic batch size to 2"):
+        build_sparse(captured, (2,), (20,), lambda s: ClassAttentionScorer(structure.has_class_token))
