@@ -3,8 +3,9 @@
 On CPU, SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which torch's counter has no formula
 for, so it would count attention as free. We register torch's own SDPA formula for it (`sdpa_flop_count`), so
 the count matches what the MATH backend's matmuls read. On other devices the fused kernel SDPA picks (flash,
-memory-efficient, cuDNN) depends on the build and the card, and the counter knows formulas for some of them only, so
-there attention is counted under the MATH backend, whose matmuls every build counts.
+memory-efficient, cuDNN) depends on the build and the card, so there attention is counted under the MATH backend,
+whose matmuls every build counts: the FLOPs ratio is then the same on every device (0.598 for DeiT-S at budget 0.6
+on the CPU and on an H100).
 """
 
 from __future__ import annotations
