@@ -69,3 +69,20 @@ def test_stage_index_out_of_range():
 def test_explicit_keep_counts_override_the_budget():
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(keep=(30, 10), stages=(1, 2)))
     assert [s.tokens_out for s in sparse.plan.stages] == [31, 11]
+
+
+def test_flops_off_the_cpu_count_attention_under_the_math_backend():
+    """Off the CPU (on a GPU; here the meta device) the fused kernel SDPA picks depends on the build, so attention is
+    counted under the MATH backend: the fused backends are off while counting, and the total is the CPU's."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cuda.flash_sdp_enabled())
+            return x * 2
+
+    count_flops(Probe(), torch.randn(2, 3))
+    count_flops(Probe(), torch.randn(2, 3, device="meta"))
+    assert seen == [True, False]
+    model, x = small_vit(), torch.randn(2, 1, 16, 16)
+    assert count_flops(model.to("meta"), x.to("meta")) == count_flops(small_vit(), x) > 0
