@@ -9,7 +9,7 @@ RES=/tmp/gpu_results
 mkdir -p "$OUT" "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COLUMNS=200
 LOG=$OUT/gpu.log
-pack() { tar -czf "$OUT/results.tgz" -C "$RES" . ; }
+pack() { tar -czf "$OUT/results.tgz" -C "$RES" . ; }  # partial.json files too: a step cut short keeps its rows
 step() {  # step SECONDS ARGS...: one latency.py run
     local limit=$1; shift
     echo "=== $(date +%T) latency.py $* (limit ${limit}s)" | tee -a "$LOG"

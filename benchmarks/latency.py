@@ -5,13 +5,16 @@
     python benchmarks/latency.py --model deit_small --device cuda   # on a GPU: eager, Inductor/Triton, CUDA graphs
     python benchmarks/latency.py --model shipped --modes eager,compiled,aot --batches 1 --repeats 100 --tag batch1
 
-Writes docs/results/latency_<model>[_<policy>][_<tag>].{json,md} and speedup_<...>.png. For a model of your own:
+Writes docs/results/latency_<model>[_<policy>][_<tag>].{json,md} and speedup_<...>.png (and, while it runs,
+latency_<...>.partial.json with the rows so far, removed at the end). For a model of your own:
 spot-compile bench mymodel.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -58,11 +61,18 @@ def main() -> None:
         from spot_compile.zoo import SHIPPED_PREDICTORS
 
         config["predictors"] = str(SHIPPED_PREDICTORS)
-    rows = run_bench(model, [float(b) for b in args.budgets.split(",")], [int(b) for b in args.batches.split(",")],
-                     modes, size, args.warmup, args.repeats, console, config)
     name = args.model if args.policy == "class-attention" else f"{args.model}_{args.policy}"
     name += "_cuda" if args.device == "cuda" else ""
     name += f"_{args.tag}" if args.tag else ""
+    partial = args.out_dir / f"latency_{name}.partial.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(rows) -> None:  # what a run cut short by a time limit leaves behind
+        partial.write_text(json.dumps([{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency} for r in rows], indent=1))
+
+    rows = run_bench(model, [float(b) for b in args.budgets.split(",")], [int(b) for b in args.batches.split(",")],
+                     modes, size, args.warmup, args.repeats, console, config, on_rows=save_partial)
+    partial.unlink(missing_ok=True)
     report(rows, name, args.out_dir, console, args.repeats, args.warmup, args.policy, args.device)
 
 

@@ -158,8 +158,12 @@ def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Call
 
 @torch.no_grad()
 def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=None, warmup: int = 3,
-              repeats: int = 10, console: Console | None = None, config: dict | None = None) -> list[Timing]:
-    """Times dense vs sparse for every budget x mode x batch; `config` holds extra SparsifyConfig fields (policy...)."""
+              repeats: int = 10, console: Console | None = None, config: dict | None = None,
+              on_rows: Callable[[list[Timing]], None] | None = None) -> list[Timing]:
+    """Times dense vs sparse for every budget x mode x batch; `config` holds extra SparsifyConfig fields (policy...).
+
+    `on_rows`, if given, is called with all rows so far after each budget and batch, so a run cut short (a time limit
+    on a lent GPU) still leaves what it measured."""
     console = console or Console()
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -193,6 +197,8 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                     peak = (None, None) if mode == "cudagraphs" else (peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x))
                     rows.append(Timing(budget, mode, batch, ms[2 * i], ms[2 * i + 1], sparse.plan.flops_ratio, *peak))
                     progress.advance(task)
+                if on_rows is not None:
+                    on_rows(list(rows))
     return rows
 
 

@@ -98,3 +98,11 @@ def test_bench_leaves_out_a_mode_that_fails_to_compile(monkeypatch):
     monkeypatch.setattr(bench, "compiled_pair", compiled_pair)
     rows = bench.run_bench(small_vit(), [0.6], [2], ("eager", "compiled"), warmup=1, repeats=2)
     assert [(r.mode, r.batch) for r in rows] == [("eager", 2)] and rows[0].sparse_ms > 0
+
+
+def test_bench_hands_over_the_rows_after_each_budget_and_batch():
+    import spot_compile.bench as bench
+
+    seen = []
+    rows = bench.run_bench(small_vit(), [1.0, 0.6], [2], ("eager",), warmup=1, repeats=2, on_rows=seen.append)
+    assert [len(r) for r in seen] == [1, 2] and seen[-1] == rows  # a run cut short keeps what it measured
