@@ -24,7 +24,7 @@ step() {  # step SECONDS ARGS...: one latency.py run
 } 2>&1 | tee -a "$LOG"
 # Measured on the 2026-11-26 lease (docs/performance.md): DeiT-S, budgets 1.0 and 0.6, batch 64. Still missing, in
 # order of priority; each step is one small latency.py run (about 80 s per budget and batch for DeiT-S, compiles
-# included), since a run writes its tables only when it ends.
+# included): a run writes its tables only when it ends, and a step cut short leaves only its partial.json rows.
 step 200 --model deit_small --budgets 1.0,0.6 --batches 1 --modes eager,compiled,cudagraphs --repeats 30 --tag batch1
 # The shipped model is tiny (0.18 GFLOPs/image): launch-bound at small batches, so a large batch too.
 step 200 --model shipped --policy spot --budgets 1.0,0.6 --batches 64,1024 --modes eager,compiled,cudagraphs --repeats 30

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -68,7 +67,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save_partial(rows) -> None:  # what a run cut short by a time limit leaves behind
-        partial.write_text(json.dumps([{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency} for r in rows], indent=1))
+        partial.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
 
     rows = run_bench(model, [float(b) for b in args.budgets.split(",")], [int(b) for b in args.batches.split(",")],
                      modes, size, args.warmup, args.repeats, console, config, on_rows=save_partial)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, device_of, example_input, first_line
+from .capture import capture, device_of, example_input
 from .config import SparsifyConfig, default_stages
-from .errors import BudgetError, InputSizeError
+from .errors import BudgetError, InputSizeError, first_line
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, solve_keep
@@ -55,7 +55,8 @@ class SparseViT(nn.Module):
         that batch (median of 5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower
         than eager; the timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager
         wins. Also with `verify`, a compile that fails inside torch returns the eager graph with a warning (the error
-        is kept in `self.compile_choice`); without it, the failure is raised. Batch size may vary (dynamic after the first change).
+        is kept in `self.compile_choice`); without it, the failure is raised. Batch size may vary (dynamic after the
+        first change).
         """
         from .bench import _median_pair
         from .plan import clone_graph_module

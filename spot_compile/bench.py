@@ -30,8 +30,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .api import sparsify
-from .capture import device_of, first_line
+from .capture import device_of
 from .config import SparsifyConfig
+from .errors import first_line
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
 DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
@@ -59,6 +60,11 @@ class Timing:
     @property
     def sparse_images_per_s(self) -> float:
         return self.batch / self.sparse_ms * 1e3
+
+    def as_dict(self) -> dict:
+        """The row as the JSON reports write it: the measured fields and the figures derived from them."""
+        return {**asdict(self), "speedup": self.speedup, "efficiency": self.efficiency,
+                "sparse_images_per_s": self.sparse_images_per_s}
 
 
 def _round_robin_ms(fns, x, warmup: int, repeats: int) -> list[list[float]]:
@@ -281,8 +287,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     where = meta.get("gpu", f"{meta['cpu']}, {meta['threads']} threads")
-    data = {**meta, "rows": [{**asdict(r), "speedup": r.speedup, "efficiency": r.efficiency,
-                              "sparse_images_per_s": r.sparse_images_per_s} for r in rows], "best": best}
+    data = {**meta, "rows": [r.as_dict() for r in rows], "best": best}
     (out_dir / f"latency_{name}.json").write_text(json.dumps(data, indent=2))
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md += ["", "Fastest path (best dense mode vs best sparse mode):", "",

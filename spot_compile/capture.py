@@ -11,7 +11,7 @@ import torch
 from torch.export import Dim, export
 from torch.fx import GraphModule
 
-from .errors import CaptureError, InputSizeError
+from .errors import CaptureError, InputSizeError, first_line
 from .passes.trivial_masks import remove_trivial_masks
 
 _USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
@@ -94,9 +94,3 @@ def _quiet_torch_logs():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def first_line(e: BaseException) -> str:
-    """`Type: first line of the message`, short enough for a one-line warning or error."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -34,3 +34,9 @@ class CheckpointError(SpotError):
 
 class DataError(SpotError):
     """A data directory is missing or in a layout spot-compile cannot read."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a one-line warning or error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

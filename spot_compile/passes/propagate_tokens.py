@@ -46,7 +46,8 @@ def fake_execute(gm: GraphModule, node: Node, mode=None):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-            return torch.func.functional_call(module, {k: mode.from_tensor(v, static_shapes=True) for k, v in state.items()}, args, kwargs)
+            fake_state = {k: mode.from_tensor(v, static_shapes=True) for k, v in state.items()}
+            return torch.func.functional_call(module, fake_state, args, kwargs)
         return node.target(*args, **kwargs)
 
 
