@@ -25,8 +25,9 @@ step() {  # step SECONDS ARGS...: one latency.py run
 # Measured on the 2026-11-26 lease (docs/performance.md): DeiT-S, budgets 1.0 and 0.6, batch 64. Still missing, in
 # order of priority; each step is one small latency.py run (about 80 s per budget and batch for DeiT-S, compiles
 # included): a run writes its tables only when it ends, and a step cut short leaves only its partial.json rows.
-step 200 --model deit_small --budgets 1.0,0.6 --batches 1 --modes eager,compiled,cudagraphs --repeats 30 --tag batch1
-# The shipped model is tiny (0.18 GFLOPs/image): launch-bound at small batches, so a large batch too.
-step 200 --model shipped --policy spot --budgets 1.0,0.6 --batches 64,1024 --modes eager,compiled,cudagraphs --repeats 30
-step 150 --model deit_small --budgets 0.8,0.5 --batches 64 --modes eager,compiled,cudagraphs --repeats 30 --tag budgets
+# The shipped model is tiny (0.18 GFLOPs/image): launch-bound at small batches, so a large batch too. Its SPOT graph
+# failed to compile here on that lease (fixed since in ops.token_positions).
+step 190 --model shipped --policy spot --budgets 1.0,0.6 --batches 64,1024 --modes eager,compiled,cudagraphs --repeats 30
+step 220 --model deit_small --budgets 1.0,0.6 --batches 1,8 --modes eager,compiled,cudagraphs --repeats 30 --tag small_batches
+step 160 --model deit_small --budgets 0.8,0.5 --batches 64 --modes eager,compiled,cudagraphs --repeats 30 --tag budgets
 echo "=== $(date +%T) done" | tee -a "$LOG"

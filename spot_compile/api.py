@@ -73,7 +73,8 @@ class SparseViT(nn.Module):
             if not verify:  # the caller asked for the compiled graph itself (benchmarks): no silent substitute
                 raise
             # An Inductor failure is torch's, not the user's: the eager graph still computes the same thing.
-            # (Seen: torch 2.11 + CUDA, the shipped SPOT graph, "InductorError: ... is not comparable".)
+            # (Seen on torch 2.11 + CUDA with the shipped SPOT graph, "InductorError: ... is not comparable", since
+            # avoided in ops.token_positions.)
             self.compile_choice = {"chosen": "eager", "error": first_line(e), "batch": batch}
             logger.warning("torch.compile failed for this graph (%s); returning the eager graph",
                            self.compile_choice["error"])

@@ -38,7 +38,11 @@ def token_positions(tokens: torch.Tensor, num_special: int) -> torch.Tensor:
     Carried through later prunes like a token feature (`prune_tokens` gathers it with the stream), it tells a stage
     where its surviving tokens sit in the image. float32 holds any realistic token count exactly, unlike bf16.
     """
-    pos = (torch.arange(tokens.shape[1], device=tokens.device) - num_special).clamp(min=-1).to(torch.float32)
+    # Not `(arange - num_special).clamp(min=-1)`: Inductor folds that clamp into a sympy Max over the index of a
+    # pointwise `cat` (prune_tokens' special + kept), which sympy cannot order ("'-1 + ((0))' is not comparable";
+    # the default lowering on GPUs, torch 2.11 and 2.14). A float arange and `where` stay values.
+    pos = torch.arange(tokens.shape[1], device=tokens.device, dtype=torch.float32) - num_special
+    pos = torch.where(pos < 0, -1.0, pos)
     return pos[None, :, None].expand(tokens.shape[0], -1, 1)
 
 

@@ -106,3 +106,23 @@ def test_bench_hands_over_the_rows_after_each_budget_and_batch():
     seen = []
     rows = bench.run_bench(small_vit(), [1.0, 0.6], [2], ("eager",), warmup=1, repeats=2, on_rows=seen.append)
     assert [len(r) for r in seen] == [1, 2] and seen[-1] == rows  # a run cut short keeps what it measured
+
+
+def test_the_token_positions_compile_where_inductor_lowers_cat_pointwise():
+    # On a GPU Inductor lowers `cat` pointwise, and the shipped SPOT graph failed to compile there ("InductorError:
+    # The argument '-1 + ((0))' is not comparable", torch 2.11 and 2.14): a clamp of an arange-derived position folds
+    # into a sympy Max over the cat's index, which sympy cannot order. force_pointwise_cat takes that path on the CPU.
+    from spot_compile.passes.find_blocks import find_blocks
+    from spot_compile.capture import capture, example_input
+    from spot_compile.predictors import PredictorConfig, make_predictors
+
+    torch._dynamo.reset()
+    model = small_vit()
+    structure = find_blocks(capture(model, example_input(model, None)))
+    stages = (1, 2)  # the second stage reads positions carried through the first prune: the failing pattern
+    predictors = make_predictors(structure, stages, PredictorConfig(hidden=16, coverage=2.0))
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 25), stages=stages, policy="spot"), scorers=predictors)
+    x = torch.randn(3, 1, 16, 16)
+    with torch._inductor.config.patch(force_pointwise_cat=True), torch.no_grad():
+        compiled = sparse.compile(verify=False, dynamic=False, batch=3)
+        torch.testing.assert_close(compiled(x), sparse(x), atol=1e-4, rtol=1e-4)
