@@ -181,7 +181,10 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(budgets) * len(batches) * len(modes))
         for budget in budgets:
+            start = time.perf_counter()
             sparse = sparsify(model, SparsifyConfig(budget=budget, input_size=input_size, **(config or {})))
+            # Timestamps with durations: a run cut short by a time limit then says where its time went.
+            console.log(f"budget {budget}: sparsified in {time.perf_counter() - start:.0f} s")
             for batch in batches:
                 # Every mode of this budget and batch is timed in one round-robin loop, so that modes compare with
                 # each other (compiled vs eager) as fairly as dense compares with sparse.
@@ -190,12 +193,17 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                 torch._dynamo.reset()  # drop the previous batch's compiled graphs
                 pairs = {}
                 for mode in modes:
+                    start = time.perf_counter()
                     try:
                         pairs[mode] = (model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x)
                     except Exception as e:  # one mode's compiler failure must not lose the other modes' figures
                         console.print(f"[yellow]budget {budget} batch {batch}: {mode} failed to compile, left out "
                                       f"({first_line(e)})")
                         progress.advance(task)
+                    else:
+                        if mode != "eager":
+                            console.log(f"budget {budget} batch {batch}: {mode} mode: dense and sparse compiled in "
+                                        f"{time.perf_counter() - start:.0f} s")
                 progress.update(task, description=f"budget {budget} batch {batch}: timing")
                 ms = _medians([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
                 for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):
