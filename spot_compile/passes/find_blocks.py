@@ -77,9 +77,6 @@ class ModelStructure:
     num_special: int  # class/distillation/register tokens, always a prefix of the token axis
     special_sources: list[str] = field(default_factory=list)
     class_token: int | None = None  # index of the special token the output is read from, if any
-    # Token grid positions already emitted by the pruning pass, and how many prunes they have followed: a later stage
-    # carries them through the prunes since, instead of emitting and gathering them again from the input.
-    positions: tuple[Node, int] | None = None
 
     @property
     def tokens(self) -> int:

@@ -56,12 +56,8 @@ def insert_pruning(
                 tap = emitter(ops.prune_tokens, tap, *p.args[1:])
         taps.append(tap)
     kwargs = {}
-    if getattr(scorer, "positions", False):  # where the surviving tokens sit: from the first block's input, carried
-        pos, followed = structure.positions or (emitter(ops.token_positions, blocks[0].input, structure.num_special), 0)
-        for p in earlier_prunes[followed:]:
-            pos = emitter(ops.prune_tokens, pos, *p.args[1:])
-        structure.positions = (pos, len(earlier_prunes))
-        kwargs["positions"] = pos
+    if getattr(scorer, "positions", False):
+        kwargs["positions"] = _positions(gm, emitter, structure, earlier_prunes)
     scores = emitter(name, stream, *taps, op="call_module", **kwargs)
     kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)
     pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse, kept)
@@ -69,6 +65,25 @@ def insert_pruning(
     stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes)
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
+
+
+POSITIONS_TAG = "spot_positions"  # node.meta key: token grid positions, valued by how many prunes they have followed
+
+
+def _positions(gm: GraphModule, emit: _Emitter, structure: ModelStructure, earlier_prunes: list[Node]) -> Node:
+    """Where the tokens entering this stage sit in the patch grid: `ops.token_positions` of the first block's input,
+    emitted once per graph; a later stage continues the carry an earlier one left through the prunes made since. The
+    carry is found by its tag in the graph, not kept on `ModelStructure`: positions are no part of the model."""
+    carried = [n for n in gm.graph.nodes if POSITIONS_TAG in n.meta]
+    if carried:
+        pos = max(carried, key=lambda n: n.meta[POSITIONS_TAG])
+    else:
+        pos = emit(ops.token_positions, structure.blocks[0].input, structure.num_special)
+        pos.meta[POSITIONS_TAG] = 0
+    for p in earlier_prunes[pos.meta[POSITIONS_TAG]:]:
+        pos = emit(ops.prune_tokens, pos, *p.args[1:])
+    pos.meta[POSITIONS_TAG] = len(earlier_prunes)
+    return pos
 
 
 class _Emitter:
