@@ -27,6 +27,23 @@ step() {  # step SECONDS ARGS...: one latency.py run
 # 80 s per budget and batch, compiles included), and a step cut short leaves only its partial.json rows and the
 # compile times run_bench logs. The shipped SPOT graph at 0.6 failed to compile on the first lease (fixed since, in
 # ops.token_positions) and ran out of time on the second, with nothing logged: it goes first, alone, with room.
+# First, alone and timed: does the shipped SPOT graph at 0.6 compile on this GPU, how long does it take, and does it
+# match eager? (The one question the second lease could not answer.)
+echo "=== $(date +%T) compile check: shipped SPOT, budget 0.6, batch 64" | tee -a "$LOG"
+timeout 240 python3 - <<'PY' 2>&1 | grep -v Warning | tee -a "$LOG"
+import time, torch, spot_compile as sc
+from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+model = load_shipped_model()[0].cuda()
+t = time.time()
+sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
+print(f"sparsify {time.time() - t:.0f} s", flush=True)
+t = time.time()
+compiled = sparse.compile(verify=False, dynamic=False, batch=64)
+print(f"compile {time.time() - t:.0f} s", flush=True)
+x = torch.randn(64, 1, 28, 28, device="cuda")
+with torch.no_grad():
+    print("max |compiled - eager|", (compiled(x) - sparse(x)).abs().max().item())
+PY
 step 300 --model shipped --policy spot --budgets 0.6 --batches 64 --modes eager,compiled,cudagraphs --repeats 30
 step 150 --model deit_small --budgets 0.5 --batches 64 --modes eager,compiled,cudagraphs --repeats 30 --tag budget05
 step 120 --model shipped --policy spot --budgets 0.6 --batches 1024 --modes compiled,cudagraphs --repeats 30 --tag b1024
