@@ -165,12 +165,15 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
             raise BudgetError(f"keep has {len(config.keep)} counts but there are {len(stages)} stages {stages}; give one per stage")
         keep = config.keep
     else:
+        built: dict[tuple[int, ...], tuple] = {}
+
         def flops_of(k: tuple[int, ...]) -> int:
-            gm, _ = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
-            return count_flops(gm, one)
+            built[k] = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
+            return count_flops(built[k][0], one)
 
         keep = solve_keep(flops_of, dense_flops, patch_tokens, len(stages), config.budget, config.fuse_pruned, config.tolerance)
-    gm, sparse_structure = build_sparse(captured, stages, keep, make_scorer, config.fuse_pruned)
+    # The search already built the chosen schedule's graph: building one costs seconds (shape propagation).
+    gm, sparse_structure = built[keep] if config.keep is None else build_sparse(captured, stages, keep, make_scorer, config.fuse_pruned)
     plan_stages, tokens = [], structure.tokens
     for s, k in zip(stages, keep):
         out = structure.num_special + k + int(config.fuse_pruned)
