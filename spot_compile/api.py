@@ -160,26 +160,30 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
     if config.keep is None and config.budget >= 1.0:
         plan = SparsityPlan(config.policy, config.budget, [], dense_flops, dense_flops, tuple(example.shape))
         return SparseViT(captured, plan, structure, config)
+    built: dict[tuple[int, ...], tuple[GraphModule, ModelStructure, int]] = {}
+
+    def build(k) -> tuple[GraphModule, ModelStructure, int]:
+        """The sparse graph for keep counts `k`, its structure and its FLOPs; built once per schedule, since a build
+        costs seconds (shape propagation) and the budget search already builds the schedule it settles on."""
+        if tuple(k) not in built:
+            gm, sparse_structure = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
+            built[tuple(k)] = (gm, sparse_structure, count_flops(gm, one))
+        return built[tuple(k)]
+
     if config.keep is not None:
         if len(config.keep) != len(stages):
             raise BudgetError(f"keep has {len(config.keep)} counts but there are {len(stages)} stages {stages}; give one per stage")
         keep = config.keep
     else:
-        built: dict[tuple[int, ...], tuple] = {}
-
-        def flops_of(k: tuple[int, ...]) -> int:
-            built[k] = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
-            return count_flops(built[k][0], one)
-
-        keep = solve_keep(flops_of, dense_flops, patch_tokens, len(stages), config.budget, config.fuse_pruned, config.tolerance)
-    # The search already built the chosen schedule's graph: building one costs seconds (shape propagation).
-    gm, sparse_structure = built[keep] if config.keep is None else build_sparse(captured, stages, keep, make_scorer, config.fuse_pruned)
+        keep = solve_keep(lambda k: build(k)[2], dense_flops, patch_tokens, len(stages), config.budget,
+                          config.fuse_pruned, config.tolerance)
+    gm, sparse_structure, sparse_flops = build(keep)
     plan_stages, tokens = [], structure.tokens
     for s, k in zip(stages, keep):
         out = structure.num_special + k + int(config.fuse_pruned)
         plan_stages.append(Stage(s, tokens, out, k))
         tokens = out
-    plan = SparsityPlan(config.policy, config.budget, plan_stages, dense_flops, count_flops(gm, one), tuple(example.shape))
+    plan = SparsityPlan(config.policy, config.budget, plan_stages, dense_flops, sparse_flops, tuple(example.shape))
     return SparseViT(gm, plan, sparse_structure, config)
 
 

@@ -200,10 +200,10 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                         console.print(f"[yellow]budget {budget} batch {batch}: {mode} failed to compile, left out "
                                       f"({first_line(e)})")
                         progress.advance(task)
-                    else:
-                        if mode != "eager":
-                            console.log(f"budget {budget} batch {batch}: {mode} mode: dense and sparse compiled in "
-                                        f"{time.perf_counter() - start:.0f} s")
+                        continue
+                    if mode != "eager":
+                        console.log(f"budget {budget} batch {batch}: {mode} mode: dense and sparse compiled in "
+                                    f"{time.perf_counter() - start:.0f} s")
                 progress.update(task, description=f"budget {budget} batch {batch}: timing")
                 ms = _medians([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
                 for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):

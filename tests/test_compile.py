@@ -2,6 +2,9 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import spot_compile as sc
+from spot_compile.capture import capture, example_input
+from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.predictors import PredictorConfig, make_predictors
 
 from .conftest import small_vit
 
@@ -112,10 +115,6 @@ def test_the_token_positions_compile_where_inductor_lowers_cat_pointwise():
     # On a GPU Inductor lowers `cat` pointwise, and the shipped SPOT graph failed to compile there ("InductorError:
     # The argument '-1 + ((0))' is not comparable", torch 2.11 and 2.14): a clamp of an arange-derived position folds
     # into a sympy Max over the cat's index, which sympy cannot order. force_pointwise_cat takes that path on the CPU.
-    from spot_compile.passes.find_blocks import find_blocks
-    from spot_compile.capture import capture, example_input
-    from spot_compile.predictors import PredictorConfig, make_predictors
-
     torch._dynamo.reset()
     model = small_vit()
     structure = find_blocks(capture(model, example_input(model, None)))
