@@ -14,7 +14,7 @@ from .config import SparsifyConfig, default_stages
 from .errors import BudgetError, InputSizeError, first_line
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
-from .plan import SparsityPlan, Stage, build_sparse, solve_keep
+from .plan import SparsityPlan, Stage, build_sparse, schedule_cost, solve_keep
 from .predictors import load_predictor_checkpoint, with_tuned_backbone
 from .scorers import ClassAttentionScorer, RandomScorer
 
@@ -175,8 +175,9 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
             raise BudgetError(f"keep has {len(config.keep)} counts but there are {len(stages)} stages {stages}; give one per stage")
         keep = config.keep
     else:
+        estimate = schedule_cost(stages, depth, structure.blocks[0].dim, structure.num_special, config.fuse_pruned)
         keep = solve_keep(lambda k: build(k)[2], dense_flops, patch_tokens, len(stages), config.budget,
-                          config.fuse_pruned, config.tolerance)
+                          config.fuse_pruned, config.tolerance, estimate)
     gm, sparse_structure, sparse_flops = build(keep)
     plan_stages, tokens = [], structure.tokens
     for s, k in zip(stages, keep):

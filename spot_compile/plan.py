@@ -78,38 +78,73 @@ def keep_schedule(patch_tokens: int, num_stages: int, rho: float, fuse: bool) ->
 
 
 def solve_keep(
-    flops_of: Callable[[tuple[int, ...]], int], dense_flops: int, patch_tokens: int, num_stages: int, budget: float,
-    fuse: bool, tolerance: float,
+    flops_of: Callable[[tuple[int, ...]], int], dense_flops: int, patch_tokens: int, num_stages: int,
+    budget: float, fuse: bool, tolerance: float, estimate: Callable[[tuple[int, ...]], float],
 ) -> tuple[int, ...]:
-    """The largest rho whose schedule costs at most `budget` of the dense FLOPs.
+    """A schedule (`keep_schedule`) that costs at most `budget` of the dense FLOPs and at least budget - tolerance/4.
 
-    Every candidate is built and counted with the real counter, which is the slow part (symbolic shape
-    propagation), so the search interpolates inside a bracket (regula falsi) instead of halving it, and stops as
-    soon as a schedule lands in [budget - tolerance/4, budget].
+    Every candidate is built and counted with the real counter, the slow part of `sparsify` (shape propagation,
+    seconds a build), so the search counts few: it interpolates the counted ratios linearly in `estimate(keep)`, a
+    rough cost of a schedule (`schedule_cost`) that only steers the search, and aims near the top of the accepted
+    band. The first bracket's upper end is the dense model (ratio 1 with every token kept), which costs no build;
+    only counted schedules are returned.
     """
     cache: dict[tuple[int, ...], float] = {}
 
-    def ratio(rho: float) -> tuple[float, tuple[int, ...]]:
-        keep = keep_schedule(patch_tokens, num_stages, rho, fuse)
+    def schedule(rho: float) -> tuple[int, ...]:
+        return keep_schedule(patch_tokens, num_stages, rho, fuse)
+
+    def ratio(keep: tuple[int, ...]) -> float:
         if keep not in cache:
             cache[keep] = flops_of(keep) / dense_flops
-        return cache[keep], keep
+        return cache[keep]
 
-    lo_r, best = ratio(0.0)
+    lo, lo_keep = 0.0, schedule(0.0)
+    lo_r = ratio(lo_keep)
     if lo_r > budget:
         raise BudgetError(
             f"budget {budget} is unreachable with these stages: keeping one token per stage still costs "
             f"{lo_r:.3f} of dense; raise the budget or prune earlier (--stages)"
         )
-    lo, hi, hi_r = 0.0, 1.0, ratio(1.0)[0]
+    hi, hi_keep, hi_r = 1.0, schedule(1.0), 1.0
+    goal = budget - tolerance / 16
     for _ in range(20):
-        if budget - lo_r <= tolerance / 4 or hi - lo < 1e-4:
+        if budget - lo_r <= tolerance / 4:
             break
-        t = (budget - lo_r) / (hi_r - lo_r) if hi_r > lo_r else 0.5
-        mid = lo + min(max(t, 0.05), 0.95) * (hi - lo)
-        r, keep = ratio(mid)
+        t = (goal - lo_r) / (hi_r - lo_r) if hi_r > lo_r else 0.5
+        rho = _rho_for_cost(schedule, estimate, lo, hi, estimate(lo_keep) + t * (estimate(hi_keep) - estimate(lo_keep)))
+        keep = schedule(rho)
+        if keep in (lo_keep, hi_keep):  # the interpolation fell on a bracket end: split the bracket instead
+            rho = (lo + hi) / 2
+            keep = schedule(rho)
+            if keep in (lo_keep, hi_keep):
+                break  # no schedule lies between the two
+        r = ratio(keep)
         if r <= budget:
-            lo, lo_r, best = mid, r, keep
+            lo, lo_keep, lo_r = rho, keep, r
         else:
-            hi, hi_r = mid, r
-    return best
+            hi, hi_keep, hi_r = rho, keep, r
+    return lo_keep
+
+
+def _rho_for_cost(schedule, estimate, lo: float, hi: float, want: float) -> float:
+    """The rho in (lo, hi) whose schedule's estimated cost comes closest to `want` from below (costs grow with rho)."""
+    a, b = lo, hi
+    for _ in range(40):
+        mid = (a + b) / 2
+        if estimate(schedule(mid)) <= want:
+            a = mid
+        else:
+            b = mid
+    return a if a > lo else (a + b) / 2
+
+
+def schedule_cost(stages: tuple[int, ...], depth: int, dim: int, special: int, fuse: bool) -> Callable[[tuple[int, ...]], float]:
+    """A schedule's cost in the pruned blocks, up to a constant factor, for steering `solve_keep` (never reported):
+    a block on n tokens of width d does about 24 d^2 n FLOPs in its linear layers and 4 d n^2 in attention."""
+    blocks = [b - a for a, b in zip(stages, (*stages[1:], depth))]
+
+    def cost(keep: tuple[int, ...]) -> float:
+        return sum(b * (n + n * n / (6 * dim)) for b, n in zip(blocks, (special + k + int(fuse) for k in keep)))
+
+    return cost

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import spot_compile as sc
 from spot_compile.errors import BudgetError
 from spot_compile.flops import count_flops
+from spot_compile.plan import schedule_cost, solve_keep
 
 from .conftest import small_vit
 
@@ -59,6 +60,27 @@ def test_budget_out_of_range(budget):
 def test_unreachable_budget_names_the_minimum():
     with pytest.raises(BudgetError, match="unreachable"):
         sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.05, stages=(3,)))
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.6, 0.5, 0.35])
+def test_budget_search_counts_few_schedules_and_returns_a_counted_one(budget):
+    """The search's estimate only steers it: here the true cost differs from the estimate (MLP ratio 2, a fixed part,
+    a scorer costing FLOPs per stage), and the search must still land in the band after few counts."""
+    stages, depth, dim, patch = (2, 4, 6), 8, 48, 144
+    counted = []
+
+    def true_flops(keep):
+        counted.append(keep)
+        tokens = [1 + patch] * stages[0] + [n for s, b, k in zip(stages, (*stages[1:], depth), keep) for n in [1 + k] * (b - s)]
+        return 10**7 + sum(16 * dim * dim * n + 4 * dim * n * n for n in tokens) + 5000 * sum(keep)
+
+    dense = true_flops((patch,) * 3)
+    counted.clear()
+    keep = solve_keep(true_flops, dense, patch, 3, budget, False, 0.02, schedule_cost(stages, depth, dim, 1, False))
+    ratio = true_flops(keep) / dense
+    assert budget - 0.005 <= ratio <= budget
+    assert keep in counted[:-1] and len(counted) - 1 <= 5  # the last call is this test's own
+    assert keep[0] >= keep[1] >= keep[2]
 
 
 def test_stage_index_out_of_range():
