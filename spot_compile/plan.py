@@ -108,8 +108,8 @@ def solve_keep(
         )
     hi, hi_keep, hi_r = 1.0, schedule(1.0), 1.0
     goal = budget - tolerance / 16
-    for _ in range(20):
-        if budget - lo_r <= tolerance / 4:
+    for _ in range(60):
+        if budget - lo_r <= tolerance / 4 or hi - lo < 1e-6:
             break
         t = (goal - lo_r) / (hi_r - lo_r) if hi_r > lo_r else 0.5
         rho = _rho_for_cost(schedule, estimate, lo, hi, estimate(lo_keep) + t * (estimate(hi_keep) - estimate(lo_keep)))
@@ -117,8 +117,9 @@ def solve_keep(
         if keep in (lo_keep, hi_keep):  # the interpolation fell on a bracket end: split the bracket instead
             rho = (lo + hi) / 2
             keep = schedule(rho)
-            if keep in (lo_keep, hi_keep):
-                break  # no schedule lies between the two
+            if keep in (lo_keep, hi_keep):  # same schedule, same ratio: narrow the bracket without counting
+                lo, hi = (rho, hi) if keep == lo_keep else (lo, rho)
+                continue
         r = ratio(keep)
         if r <= budget:
             lo, lo_keep, lo_r = rho, keep, r

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import spot_compile as sc
 from spot_compile.errors import BudgetError
 from spot_compile.flops import count_flops
-from spot_compile.plan import schedule_cost, solve_keep
+from spot_compile.plan import keep_schedule, schedule_cost, solve_keep
 
 from .conftest import small_vit
 
@@ -81,6 +81,26 @@ def test_budget_search_counts_few_schedules_and_returns_a_counted_one(budget):
     assert budget - 0.005 <= ratio <= budget
     assert keep in counted[:-1] and len(counted) - 1 <= 5  # the last call is this test's own
     assert keep[0] >= keep[1] >= keep[2]
+
+
+@pytest.mark.parametrize("patch, stages, depth, budget", [
+    (7, (1, 2), 4, 0.7), (16, (2, 4, 6), 8, 0.6), (26, (1, 2, 3), 4, 0.6), (35, (1, 2), 4, 0.6), (8, (1, 2), 4, 0.95),
+])
+def test_budget_search_on_coarse_schedules_finds_the_best_one_under_budget(patch, stages, depth, budget):
+    """With few tokens, schedules jump and the band may hold none: the search must still return the costliest
+    schedule under the budget (checked against every schedule), not give up at a bracket end."""
+    dim = 32
+
+    def flops(keep):
+        tokens = [1 + patch] * stages[0] + [n for s, b, k in zip(stages, (*stages[1:], depth), keep) for n in [1 + k] * (b - s)]
+        return 10**5 + sum(16 * dim * dim * n + 4 * dim * n * n for n in tokens)
+
+    n = len(stages)
+    dense = flops((patch,) * n)
+    every = {keep_schedule(patch, n, r / 2000, False) for r in range(2001)}
+    best = max(flops(k) / dense for k in every if flops(k) / dense <= budget)
+    keep = solve_keep(flops, dense, patch, n, budget, False, 0.02, schedule_cost(stages, depth, dim, 1, False))
+    assert best >= flops(keep) / dense >= min(best, budget - 0.005)
 
 
 def test_stage_index_out_of_range():
