@@ -81,7 +81,8 @@ def solve_keep(
     flops_of: Callable[[tuple[int, ...]], int], dense_flops: int, patch_tokens: int, num_stages: int,
     budget: float, fuse: bool, tolerance: float, estimate: Callable[[tuple[int, ...]], float],
 ) -> tuple[int, ...]:
-    """A schedule (`keep_schedule`) that costs at most `budget` of the dense FLOPs and at least budget - tolerance/4.
+    """A schedule (`keep_schedule`) that costs at most `budget` of the dense FLOPs: the first counted one in
+    [budget - tolerance/4, budget], or, where no schedule lies in that band (few tokens), the costliest under budget.
 
     Every candidate is built and counted with the real counter, the slow part of `sparsify` (shape propagation,
     seconds a build), so the search counts few: it interpolates the counted ratios linearly in `estimate(keep)`, a
