@@ -13,11 +13,18 @@ after warm-up), compiled with the same options as `spot-compile bench`:
   * class attention at the same keep counts, for reference.
 Predictor share: the median over rounds of (spot - bare) / median spot, each round timing the graphs back to back,
 with its interquartile range in brackets: the fraction of SPOT's time spent in taps and predictors (target: 3 %).
+
+    python benchmarks/predictor_cost.py --split --modes aot --batches 1,8 --repeats 60 --tag split
+
+`--split` adds a fifth graph, SPOT with its attention descriptor replaced by zeros of the same shape (same
+predictors, stages and keep counts; its selections are meaningless, its cost is what remains without the taps), and
+a column with the descriptor's share: the median over rounds of (spot - spot without descriptor) / median spot.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -30,6 +37,7 @@ from rich.table import Table
 from torch import nn
 
 import spot_compile as sc
+from spot_compile import ops
 from spot_compile.bench import _cpu_name, _round_robin_ms, MODES, compiled_fn
 from spot_compile.capture import capture, example_input
 from spot_compile.config import default_stages
@@ -48,6 +56,23 @@ class FreeScorer(nn.Module):
         return tokens[..., 0]
 
 
+def _zero_descriptor(q, k, scale, batch, num_special, cls, mask=None):
+    """Zeros shaped like `ops.interaction_descriptor`'s output, (B, N, heads * 4)."""
+    n = q.shape[-2]
+    return q.new_zeros(batch, n, q.reshape(batch, -1, n, q.shape[-1]).shape[1] * 4)
+
+
+@contextlib.contextmanager
+def _without_descriptor():
+    """While active, the pruning pass emits `_zero_descriptor` where it would emit the descriptor taps."""
+    real = ops.interaction_descriptor
+    ops.interaction_descriptor = _zero_descriptor
+    try:
+        yield
+    finally:
+        ops.interaction_descriptor = real
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +83,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="eager,compiled,aot", help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--split", action="store_true", help="also time SPOT without its descriptor taps (see above)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -86,6 +113,10 @@ def main() -> None:
         "bare pruning": sc.sparsify(model, sc.SparsifyConfig(**same), scorers={s: FreeScorer() for s in stages}),
         "class attention": sc.sparsify(model, sc.SparsifyConfig(policy="class-attention", **same)),
     }
+    if args.split:
+        with _without_descriptor():
+            predictors = {s: spot.scorers[f"spot_scorer_{s}"] for s in stages}  # the same modules, timing only
+            graphs["spot without descriptor"] = sc.sparsify(model, sc.SparsifyConfig(**same), scorers=predictors)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with Progress(console=console) as progress:
@@ -101,11 +132,16 @@ def main() -> None:
                 # than the difference of two medians taken minutes apart.
                 shares = [(s - b) / ms["spot"] for s, b in zip(times["spot"], times["bare pruning"])]
                 q1, share, q3 = statistics.quantiles(shares, n=4)
-                rows.append({"batch": batch, "mode": mode, **{f"{k} ms": v for k, v in ms.items()},
-                             "predictor share": share, "share q1": q1, "share q3": q3})
+                row = {"batch": batch, "mode": mode, **{f"{k} ms": v for k, v in ms.items()},
+                       "predictor share": share, "share q1": q1, "share q3": q3}
+                if args.split:
+                    split = [(s - n) / ms["spot"] for s, n in zip(times["spot"], times["spot without descriptor"])]
+                    row["descriptor share"], row["descriptor q1"], row["descriptor q3"] = (
+                        statistics.median(split), *statistics.quantiles(split, n=4)[::2])
+                rows.append(row)
                 progress.advance(task)
     flops = {name: g.plan.sparse_flops for name, g in graphs.items()}
-    cols = ["batch", "mode", *[f"{k} ms" for k in graphs], "predictor share"]
+    cols = ["batch", "mode", *[f"{k} ms" for k in graphs], "predictor share"] + (["descriptor share"] if args.split else [])
     table = Table(title=f"{args.model}, budget {args.budget}, keep {list(keep)}: median of {args.repeats}")
     for c in cols:
         table.add_column(c)
@@ -113,6 +149,8 @@ def main() -> None:
     for r in rows:
         cells = [str(r["batch"]), r["mode"], *[f"{r[f'{k} ms']:.2f}" for k in graphs],
                  f"{100 * r['predictor share']:.1f} % ({100 * r['share q1']:.1f} to {100 * r['share q3']:.1f})"]
+        if args.split:
+            cells.append(f"{100 * r['descriptor share']:.1f} % ({100 * r['descriptor q1']:.1f} to {100 * r['descriptor q3']:.1f})")
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     console.print(table)
@@ -122,13 +160,15 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "keep": list(keep), "stages": list(stages),
             "repeats": args.repeats, "warmup": args.warmup, "flops": flops, "predictor_flops_share": pred_flops}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = "predictor_cost" if args.model == "shipped" else f"predictor_cost_{args.model}"
+    name = ("predictor_cost" if args.model == "shipped" else f"predictor_cost_{args.model}") + (f"_{args.tag}" if args.tag else "")
     (args.out_dir / f"{name}.json").write_text(json.dumps({**meta, "model": args.model, "rows": rows}, indent=2))
     header = (f"{args.model} model, SPOT at budget {args.budget} (stages {list(stages)}, keep {list(keep)}), {meta['cpu']}, "
               f"{meta['threads']} threads, torch {meta['torch']}, {meta['date']}; median of {args.repeats} after "
-              f"{args.warmup} warm-up, all four graphs round-robin. Predictor share = median over rounds of (spot - bare) / "
+              f"{args.warmup} warm-up, all {len(graphs)} graphs round-robin. Predictor share = median over rounds of (spot - bare) / "
               f"median spot, interquartile range in brackets. "
-              f"Predictor FLOPs: {100 * pred_flops:.2f} % of dense.\n\n")
+              + ("Descriptor share: the same with spot without descriptor (its taps replaced by zeros) in place of bare. "
+                 if args.split else "")
+              + f"Predictor FLOPs: {100 * pred_flops:.2f} % of dense.\n\n")
     (args.out_dir / f"{name}.md").write_text(header + "\n".join(md) + "\n")
     console.print(f"wrote {args.out_dir}/{name}.json and .md")
 
