@@ -14,7 +14,7 @@ after warm-up), compiled with the same options as `spot-compile bench`:
 Predictor share: the median over rounds of (spot - bare) / median spot, each round timing the graphs back to back,
 with its interquartile range in brackets: the fraction of SPOT's time spent in taps and predictors (target: 3 %).
 
-    python benchmarks/predictor_cost.py --split --modes aot --batches 1,8 --repeats 60 --tag split
+    python benchmarks/predictor_cost.py --split --modes aot --batches 1,8 --repeats 80 --warmup 5 --tag split
 
 `--split` adds a fifth graph, SPOT with its attention descriptor replaced by zeros of the same shape (same
 predictors, stages and keep counts; its selections are meaningless, its cost is what remains without the taps), and
@@ -136,8 +136,7 @@ def main() -> None:
                        "predictor share": share, "share q1": q1, "share q3": q3}
                 if args.split:
                     split = [(s - n) / ms["spot"] for s, n in zip(times["spot"], times["spot without descriptor"])]
-                    row["descriptor share"], row["descriptor q1"], row["descriptor q3"] = (
-                        statistics.median(split), *statistics.quantiles(split, n=4)[::2])
+                    row["descriptor q1"], row["descriptor share"], row["descriptor q3"] = statistics.quantiles(split, n=4)
                 rows.append(row)
                 progress.advance(task)
     flops = {name: g.plan.sparse_flops for name, g in graphs.items()}
