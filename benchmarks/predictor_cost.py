@@ -24,11 +24,11 @@ a column with the descriptor's share: the median over rounds of (spot - spot wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -60,17 +60,6 @@ def _zero_descriptor(q, k, scale, batch, num_special, cls, mask=None):
     """Zeros shaped like `ops.interaction_descriptor`'s output, (B, N, heads * 4)."""
     n = q.shape[-2]
     return q.new_zeros(batch, n, q.reshape(batch, -1, n, q.shape[-1]).shape[1] * 4)
-
-
-@contextlib.contextmanager
-def _without_descriptor():
-    """While active, the pruning pass emits `_zero_descriptor` where it would emit the descriptor taps."""
-    real = ops.interaction_descriptor
-    ops.interaction_descriptor = _zero_descriptor
-    try:
-        yield
-    finally:
-        ops.interaction_descriptor = real
 
 
 @torch.no_grad()
@@ -114,7 +103,8 @@ def main() -> None:
         "class attention": sc.sparsify(model, sc.SparsifyConfig(policy="class-attention", **same)),
     }
     if args.split:
-        with _without_descriptor():
+        # The pruning pass emits `_zero_descriptor` wherever it would emit the descriptor taps.
+        with mock.patch.object(ops, "interaction_descriptor", _zero_descriptor):
             predictors = {s: spot.scorers[f"spot_scorer_{s}"] for s in stages}  # the same modules, timing only
             graphs["spot without descriptor"] = sc.sparsify(model, sc.SparsifyConfig(**same), scorers=predictors)
     batches = [int(b) for b in args.batches.split(",")]

@@ -62,6 +62,12 @@ def test_unreachable_budget_names_the_minimum():
         sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.05, stages=(3,)))
 
 
+def _block_tokens(patch, stages, depth, keep):
+    """Tokens (class token included) each block of a synthetic ViT runs on under `keep`."""
+    blocks = zip(stages, (*stages[1:], depth), keep)
+    return [1 + patch] * stages[0] + [n for s, b, k in blocks for n in [1 + k] * (b - s)]
+
+
 @pytest.mark.parametrize("budget", [0.8, 0.6, 0.5, 0.35])
 def test_budget_search_counts_few_schedules_and_returns_a_counted_one(budget):
     """The search's estimate only steers it: here the true cost differs from the estimate (MLP ratio 2, a fixed part,
@@ -71,8 +77,7 @@ def test_budget_search_counts_few_schedules_and_returns_a_counted_one(budget):
 
     def true_flops(keep):
         counted.append(keep)
-        tokens = [1 + patch] * stages[0] + [n for s, b, k in zip(stages, (*stages[1:], depth), keep) for n in [1 + k] * (b - s)]
-        return 10**7 + sum(16 * dim * dim * n + 4 * dim * n * n for n in tokens) + 5000 * sum(keep)
+        return 10**7 + sum(16 * dim * dim * n + 4 * dim * n * n for n in _block_tokens(patch, stages, depth, keep)) + 5000 * sum(keep)
 
     dense = true_flops((patch,) * 3)
     counted.clear()
@@ -92,8 +97,7 @@ def test_budget_search_on_coarse_schedules_finds_the_best_one_under_budget(patch
     dim = 32
 
     def flops(keep):
-        tokens = [1 + patch] * stages[0] + [n for s, b, k in zip(stages, (*stages[1:], depth), keep) for n in [1 + k] * (b - s)]
-        return 10**5 + sum(16 * dim * dim * n + 4 * dim * n * n for n in tokens)
+        return 10**5 + sum(16 * dim * dim * n + 4 * dim * n * n for n in _block_tokens(patch, stages, depth, keep))
 
     n = len(stages)
     dense = flops((patch,) * n)
