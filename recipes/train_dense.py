@@ -66,7 +66,7 @@ def main() -> None:
     model = ViT(SHIPPED)
     prior_epochs = 0
     if args.init:
-        init = torch.load(args.init, weights_only=False)
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
         if init.get("config") != SHIPPED.to_dict():
             raise SystemExit(f"{args.init} holds a different model (config {init.get('config')}), not {SHIPPED.to_dict()}")
         model.load_state_dict(init["state_dict"])
@@ -82,7 +82,7 @@ def main() -> None:
     partial = args.out.with_suffix(".partial")
     start_epoch, history = 0, []
     if partial.exists():
-        state = torch.load(partial, weights_only=False)
+        state = torch.load(partial, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
         start_epoch, history = state["epoch"], state["history"]
         console.print(f"resuming from epoch {start_epoch}")

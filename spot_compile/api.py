@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, device_of, example_input
+from .capture import capture, device_of, dtype_of, example_input
 from .config import SparsifyConfig, default_stages
-from .errors import BudgetError, InputSizeError, first_line
+from .errors import BudgetError, InputSizeError, StructureError, first_line
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, schedule_cost, solve_keep
@@ -39,11 +39,20 @@ class SparseViT(nn.Module):
         self.compile_choice: dict | None = None  # set by compile(verify=True)
 
     def forward(self, x: torch.Tensor):
-        if tuple(x.shape[1:]) != self.plan.input_shape[1:]:
+        shape = self.plan.input_shape
+        if not isinstance(x, torch.Tensor):
+            raise InputSizeError(f"expects an image batch tensor of shape (N, {', '.join(map(str, shape[1:]))}), got a {type(x).__name__}")
+        if x.dim() != len(shape) or tuple(x.shape[1:]) != shape[1:]:
+            unbatched = x.dim() == len(shape) - 1 and tuple(x.shape) == shape[1:]
             raise InputSizeError(
-                f"input of shape {tuple(x.shape)} does not match the {self.plan.input_shape[1:]} (C, H, W) this model "
-                "was sparsified for; resize the input or sparsify again with that input size"
+                f"input of shape {tuple(x.shape)} does not match the (N, {', '.join(map(str, shape[1:]))}) batch this "
+                "model was sparsified for; " + ("add the batch dimension: x.unsqueeze(0)" if unbatched else
+                                                 "resize the input or sparsify again with that input size")
             )
+        dtype = dtype_of(self.graph_module)
+        if x.dtype != dtype:
+            raise InputSizeError(f"input of dtype {x.dtype} does not match the model's weights ({dtype}); cast the input "
+                                 f"with x.to({dtype}), or the model and sparsify again")
         return self.graph_module(x)
 
     def compile(self, *, freezing: bool = FREEZING, verify: bool = True, batch: int = 8, **options) -> Callable:
@@ -59,11 +68,11 @@ class SparseViT(nn.Module):
         first change).
         """
         from .bench import _median_pair
-        from .plan import clone_graph_module
+        from .capture import clone_graph_module
 
         # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980), and this one is reused.
         compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
-        x = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
+        x = self.example(batch)
         # Compiled now, on a batch of `batch`: Inductor reads `freezing` when it compiles, not when torch.compile is
         # called (passing it in torch.compile's `options` was measured not to freeze), and freezing needs no_grad.
         try:
@@ -103,9 +112,9 @@ class SparseViT(nn.Module):
         import os
         import tempfile
 
-        from .plan import clone_graph_module
+        from .capture import clone_graph_module
 
-        example = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
+        example = self.example(batch)
         dynamic = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
         with torch.no_grad():
             program = torch.export.export(clone_graph_module(self.graph_module), (example,), dynamic_shapes=dynamic)
@@ -122,8 +131,12 @@ class SparseViT(nn.Module):
     def export(self, batch: int = 2) -> torch.export.ExportedProgram:
         """`torch.export` of the sparse graph with a dynamic batch size: save it with `torch.export.save`, or
         compile it ahead of time with AOTInductor (docs/serving.md)."""
-        example = torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module))
+        example = self.example(batch)
         return torch.export.export(self.graph_module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+    def example(self, batch: int) -> torch.Tensor:
+        """A random input batch of the shape, dtype and device this model takes."""
+        return torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module), dtype=dtype_of(self.graph_module))
 
     @property
     def scorers(self) -> dict[str, nn.Module]:
@@ -167,6 +180,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
         costs seconds (shape propagation) and the budget search already builds the schedule it settles on."""
         if tuple(k) not in built:
             gm, sparse_structure = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
+            check_outputs_survive(captured, gm)  # on the first build already, before the budget search goes on
             built[tuple(k)] = (gm, sparse_structure, count_flops(gm, one))
         return built[tuple(k)]
 
@@ -198,7 +212,47 @@ def scorer_factory(
         return (lambda stage: RandomScorer()), None
     ckpt = load_predictor_checkpoint(config.predictors, model, structure)
     for p in ckpt.predictors.values():
-        p.to(device_of(model))
+        p.to(device=device_of(model), dtype=dtype_of(model))
     if config.stages is not None and tuple(config.stages) != ckpt.stages:
         raise BudgetError(f"the predictors were calibrated for stages {ckpt.stages}, not {tuple(config.stages)}; drop --stages or calibrate again")
     return (lambda stage: ckpt.predictors[stage]), ckpt.stages
+
+
+def check_outputs_survive(dense: GraphModule, sparse: GraphModule) -> None:
+    """Raises StructureError when an output of the model would change shape under pruning (token features of a late
+    block, say): an output is kept only when it is defined on what survives (class token, pooled features, logits),
+    so no caller gets fewer tokens back than the model promised without a word."""
+    dense_out, sparse_out = (_output_shapes(g) for g in (dense, sparse))
+    names = _output_names(dense, len(dense_out))
+    for name, before, after in zip(names, dense_out, sparse_out):
+        if before is not None and before != after:
+            raise StructureError(
+                f"the model's output {name} has shape {_shape_text(before)} and would come out with fewer tokens after "
+                "pruning (it holds per-token values of a pruned block); return only outputs computed from the "
+                "class token or pooled features (e.g. logits), or place every stage after the block it comes from (--stages)"
+            )
+
+
+def _output_shapes(gm: GraphModule) -> list[tuple | None]:
+    """Each flat output's shape with the (symbolic) batch size as None; None for an output that is no tensor."""
+    shapes = []
+    for arg in gm.graph.output_node().args[0]:
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape) if isinstance(val, torch.Tensor) else None)
+    return shapes
+
+
+def _output_names(gm: GraphModule, count: int) -> list[str]:
+    """How a user indexes each flat output: `['tokens']`, `[1]`, or `logits` for a lone tensor."""
+    from torch.utils import _pytree as pytree
+
+    spec = getattr(gm, "_out_spec", None)
+    try:
+        paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(count)), spec))[0]]
+    except Exception:  # no pytree spec (a hand-built graph): number the outputs
+        paths = [f"[{i}]" for i in range(count)]
+    return [p or "(the only output)" for p in paths]
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join("B" if d is None else str(d) for d in shape) + ")"

@@ -30,9 +30,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .api import sparsify
-from .capture import device_of
 from .config import SparsifyConfig
-from .errors import first_line
+from .errors import UsageError, first_line
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
 DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
@@ -100,7 +99,7 @@ def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int =
     """Median eager latency (seconds) of dense and sparse at one batch size: the quick check of apply and demo."""
     model.eval()
     with torch.no_grad():
-        dense_ms, sparse_ms = _median_pair((model, sparse), torch.randn(batch, *sparse.plan.input_shape[1:]), 2, repeats)
+        dense_ms, sparse_ms = _median_pair((model, sparse), sparse.example(batch), 2, repeats)
     return dense_ms / 1e3, sparse_ms / 1e3
 
 
@@ -173,10 +172,14 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
     console = console or Console()
     unknown = set(modes) - set(MODES)
     if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+        raise UsageError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    for name, values, least in (("batch sizes", batches, 1), ("repeats", [repeats], 1), ("warmup", [warmup], 0)):
+        if not values or any(not isinstance(v, int) or v < least for v in values):
+            raise UsageError(f"{name} must be whole numbers >= {least}, got {values}")
+    for b in budgets:
+        SparsifyConfig(budget=b)  # budgets in range, before the first slow sparsify
     model.eval()
     dense = sparsify(model, SparsifyConfig(budget=1.0, input_size=input_size))
-    shape = dense.plan.input_shape[1:]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(budgets) * len(batches) * len(modes))
@@ -189,7 +192,7 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                 # Every mode of this budget and batch is timed in one round-robin loop, so that modes compare with
                 # each other (compiled vs eager) as fairly as dense compares with sparse.
                 progress.update(task, description=f"budget {budget} batch {batch}: compiling")
-                x = torch.randn(batch, *shape, device=device_of(model))
+                x = sparse.example(batch)
                 torch._dynamo.reset()  # drop the previous batch's compiled graphs
                 pairs = {}
                 for mode in modes:

@@ -15,8 +15,9 @@ on a validation split of the training set.
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,14 +28,20 @@ from rich.table import Table
 from torch import nn
 
 from .api import SparseViT, sparsify
+from .artifact import fingerprint, load_tensors
 from .capture import capture, example_input
 from .config import SparsifyConfig, default_stages
 from .data import ImageSet
+from .errors import CheckpointError, DataError, UsageError, first_line
+from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
-from .plan import clone_graph_module
+from .capture import clone_graph_module
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
 from .training import accuracy, augment, batches, cosine_lr
+
+
+PARTIAL_FORMAT = "spot-compile/calibration-partial/1"
 
 
 @dataclass
@@ -61,6 +68,9 @@ def calibrate(
     With `finetune`, `model`'s own parameters are updated in place.
     """
     console = console or Console()
+    _check_arguments(train, val, batch_size, epochs, max_steps)
+    if out is not None:
+        out = check_writable_file(out, "--out")
     torch.manual_seed(seed)
     model.eval()
     for p in model.parameters():
@@ -95,14 +105,20 @@ def calibrate(
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
     partial = out.with_suffix(".partial") if out else None
     history, start_epoch, step = [], 0, 0
+    # What a partial checkpoint must have been made for to be resumed here: the same model, budget, stages and setup.
+    identity = {"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages), "keep": list(keep),
+                "predictor": asdict(predictor), "finetune": finetune, "batch_size": batch_size}
     if partial and partial.exists():
-        state = torch.load(partial, weights_only=False)
-        for s, m in predictors.items():
-            m.load_state_dict(state["predictors"][s])
-        if finetune:
-            model.load_state_dict(state["backbone"])
-        opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
-        history, start_epoch, step = state["history"], state["epoch"], state["step"]
+        state = _read_partial(partial, identity)
+        try:
+            for s, m in predictors.items():
+                m.load_state_dict(state["predictors"][s])
+            if finetune:
+                model.load_state_dict(state["backbone"])
+            opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
+            history, start_epoch, step = json.loads(state["history"]), int(state["epoch"]), int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{partial} is a damaged partial calibration ({first_line(e)}); delete it to start afresh") from None
         console.print(f"resuming calibration from epoch {start_epoch}")
     t0 = time.time()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -146,9 +162,10 @@ def calibrate(
             history.append(row)
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
             if partial:
-                torch.save({"predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
-                            "backbone": model.state_dict() if finetune else None,
-                            "gen": gen.get_state(), "history": history, "epoch": epoch + 1, "step": step}, partial)
+                save_atomically({"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True),
+                                 "predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
+                                 "backbone": model.state_dict() if finetune else None, "gen": gen.get_state(),
+                                 "history": json.dumps(history), "epoch": epoch + 1, "step": step}, partial, "--out")
     seconds = time.time() - t0
     for p in model.parameters():
         p.requires_grad_(False)
@@ -170,6 +187,34 @@ def calibrate(
         if partial:
             partial.unlink(missing_ok=True)
     return CalibrationResult(ckpt, sparse, history, seconds)
+
+
+def _check_arguments(train: ImageSet, val: ImageSet, batch_size: int, epochs: int, max_steps: int | None) -> None:
+    """Refuses, before the model is captured, a run that could not train a single step or validate."""
+    for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1)):
+        if not isinstance(value, int) or value < least:
+            raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise UsageError(f"max_steps must be a whole number >= 1 (or None for whole epochs), got {max_steps!r}")
+    if len(train) < batch_size:
+        raise DataError(f"{len(train)} training images are fewer than one batch of {batch_size}: no step could run; "
+                        "lower --batch-size, lower --val-size or add images")
+    if len(val) == 0:
+        raise DataError("the validation split is empty; raise --val-size")
+
+
+def _read_partial(path: Path, identity: dict) -> dict:
+    """The partial checkpoint at `path` (tensors only: nothing in it can run code), when it was written by a run of
+    this same calibration; a partial of another model, budget, stage list or setup is refused, not resumed."""
+    state = load_tensors(path)
+    if not isinstance(state, dict) or state.get("format") != PARTIAL_FORMAT:
+        raise CheckpointError(f"{path} is not a partial calibration this version wrote; delete it, or choose another --out")
+    theirs = json.loads(state.get("identity", "{}"))
+    differ = [k for k in identity if theirs.get(k) != json.loads(json.dumps(identity[k]))]
+    if differ:
+        raise CheckpointError(f"{path} is a partial calibration of another run ({', '.join(differ)} differ); delete it to "
+                              "start afresh, or choose another --out")
+    return state
 
 
 def token_loss(student: torch.Tensor, teacher: torch.Tensor, keepers, num_special: int) -> torch.Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import re
 
 import torch
 from torch.export import Dim, export
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from .errors import CaptureError, InputSizeError, first_line
 from .passes.trivial_masks import remove_trivial_masks
@@ -24,6 +25,14 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of the module's weights (float32 for a module without any): inputs are made in it."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | None, batch: int = 2) -> torch.Tensor:
     """A random image batch of the model's input size, on the model's device: `input_size` if given, else what the
     model declares.
@@ -36,7 +45,7 @@ def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | No
     if size is None:
         raise InputSizeError("cannot tell the model's input size; pass it with --input-size N (SparsifyConfig.input_size)")
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return torch.randn(batch, int(channels), int(h), int(w), device=device_of(model))
+    return torch.randn(batch, int(channels), int(h), int(w), device=device_of(model), dtype=dtype_of(model))
 
 
 def _declared(model: torch.nn.Module, names: tuple[str, ...]):
@@ -79,7 +88,22 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
             ) from e
     finally:
         model.train(was_training)
-    return remove_trivial_masks(program.module(), example)
+    # A plain GraphModule over the exported graph: the ExportedProgram's module refuses .train() and .eval(), which
+    # users call on what sparsify returns (also at budget 1.0, where the captured graph is returned as it is).
+    return clone_graph_module(remove_trivial_masks(program.module(), example))
+
+
+def clone_graph_module(gm: GraphModule) -> GraphModule:
+    """A new GraphModule over a copy of the graph (node meta kept), sharing gm's parameters and submodules."""
+    graph = Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = GraphModule(gm, graph)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    return new
 
 
 @contextlib.contextmanager

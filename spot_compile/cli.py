@@ -96,12 +96,16 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
           export_path, latency) -> None:
     from . import SparsifyConfig, save, sparsify
     from .bench import quick_latency
+    from .outputs import check_writable_file
     from .report import dump_graph, plan_table
 
-    model = _load(model_file, model_name, factory)
     policy = policy or ("spot" if predictors else "class-attention")
     config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
                             predictors=str(predictors) if predictors else None)
+    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export")):
+        if path is not None:  # before the slow work, so that a typo costs nothing
+            check_writable_file(path, option)
+    model = _load(model_file, model_name, factory)
     with console.status("capturing and rewriting the graph"):
         sparse = sparsify(model, config)
     timing = quick_latency(model, sparse) if latency else None
@@ -127,9 +131,9 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
               help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
 @click.option("--budget", type=float, default=0.6, show_default=True)
 @click.option("--stages", default=None, help="Block indices, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
@@ -137,7 +141,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")
 @click.option("--coverage", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the fixed spatial coverage prior added to the relevance logits (docs/spot.md).")
-@click.option("--val-size", type=int, default=5000, show_default=True, help="Training images held out for validation.")
+@click.option("--val-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Training images held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--freeze-backbone/--finetune", default=True, show_default=True,
@@ -154,16 +158,18 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     from .capture import example_input
     from .config import SparsifyConfig
     from .data import load_dataset, train_val_split
+    from .outputs import check_writable_file
     from .predictors import PredictorConfig
 
     SparsifyConfig(budget=budget)  # validates the budget before any slow work
-    model = _load(model_file, model_name, factory)
-    _, channels, size, _ = example_input(model, input_size).shape
-    train, val = train_val_split(load_dataset(data_dir, "train", size, channels), min(val_size, 5000), seed=seed)
+    check_writable_file(out, "--out")
     try:
         predictor = PredictorConfig(hidden=hidden, coverage=coverage, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--signals") from None
+    model = _load(model_file, model_name, factory)
+    _, channels, size, _ = example_input(model, input_size).shape
+    train, val = train_val_split(load_dataset(data_dir, "train", size, channels), val_size, seed=seed)
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
@@ -183,20 +189,25 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
 @click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
               help="Token scorer (default: spot with --predictors, else class-attention).")
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
-@click.option("--repeats", type=int, default=10, show_default=True)
-@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Write latency_<file>.json, .md and speedup_<file>.png here.")
 def bench(model_file, model_name, factory, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
           out_dir) -> None:
     from .bench import DEFAULT_MODES, MODES, report, run_bench
     from .config import SparsifyConfig
+    from .outputs import check_writable_dir
 
     try:
         budget_list = [float(b) for b in budgets.split(",")]
         batch_list = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
+    if any(b < 1 for b in batch_list):
+        raise click.BadParameter(f"batch sizes must be at least 1, got {batches}", param_hint="--batches")
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--out-dir")
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is available here; time on --device cpu", param_hint="--device")
     mode_list = tuple(m.strip() for m in modes.split(",")) if modes else DEFAULT_MODES[device]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .errors import BudgetError
+from .errors import BudgetError, InputSizeError
 
 Policy = Literal["class-attention", "random", "spot"]
 POLICIES = ("class-attention", "random", "spot")
@@ -46,14 +46,38 @@ class SparsifyConfig:
         if self.policy not in POLICIES:
             raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.stages is not None:
-            self.stages = tuple(sorted(set(int(s) for s in self.stages)))
+            self.stages = tuple(sorted(set(_whole_numbers(self.stages, "stages", "block indices, e.g. (3, 6, 9)"))))
             if not self.stages:
                 raise BudgetError("stages is empty; give at least one block index, e.g. --stages 3,6,9")
         if self.keep is not None:
-            self.keep = tuple(int(k) for k in self.keep)
+            self.keep = _whole_numbers(self.keep, "keep", "token counts per stage, e.g. (100, 70, 50)")
+            if any(k < 1 for k in self.keep):
+                raise BudgetError(f"keep counts must be at least 1 token per stage, got {self.keep}")
+        if self.input_size is not None:
+            single = isinstance(self.input_size, (int, float, str))
+            sizes = (self.input_size,) if single else self.input_size
+            sizes = _whole_numbers(sizes, "input_size", "an image side or (H, W), e.g. 224")
+            if len(sizes) not in (1, 2) or any(v < 1 for v in sizes):
+                raise InputSizeError(f"input_size must be a positive image side or (H, W), got {self.input_size!r}")
+            self.input_size = sizes[0] if single else sizes
+        if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < 1):
+            raise BudgetError(f"tolerance must be a fraction in (0, 1), got {self.tolerance!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _whole_numbers(values, name: str, what: str) -> tuple[int, ...]:
+    """`values` as a tuple of ints; a one-line error for anything else (a string, floats with a fraction, None)."""
+    error = BudgetError if name != "input_size" else InputSizeError
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise error(f"{name} must be a sequence of whole numbers ({what}), got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            raise error(f"{name} must be whole numbers ({what}), got {values!r}")
+        out.append(int(v))
+    return tuple(out)
 
 
 def default_stages(depth: int) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -99,7 +99,10 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int) -> I
         for f in sorted(d.iterdir()):
             if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp"}:
                 continue
-            img = Image.open(f).convert(mode).resize((img_size, img_size))
+            try:
+                img = Image.open(f).convert(mode).resize((img_size, img_size))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                raise DataError(f"cannot read image {f} ({first_line(e)}); remove or replace the file") from None
             arr = np.asarray(img, dtype=np.float32) / 255.0
             xs.append(torch.from_numpy(arr.reshape(img_size, img_size, channels)).permute(2, 0, 1))
             ys.append(label)
@@ -129,6 +132,9 @@ def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int
 
 def train_val_split(data: ImageSet, val_size: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A fixed split of the training set: hyperparameters are chosen on `val`, never on the test split."""
+    if not 1 <= val_size < len(data):
+        raise DataError(f"--val-size {val_size} does not fit the {len(data)} training images: it must leave images to "
+                        f"train on; lower --val-size (e.g. {max(1, len(data) // 10)})")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(perm[val_size:]), data.subset(perm[:val_size])
 

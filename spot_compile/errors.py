@@ -33,7 +33,15 @@ class CheckpointError(SpotError):
 
 
 class DataError(SpotError):
-    """A data directory is missing or in a layout spot-compile cannot read."""
+    """A data directory is missing, in a layout spot-compile cannot read, or too small for the run asked for."""
+
+
+class OutputPathError(SpotError):
+    """A file or directory the results are to be written to cannot be written."""
+
+
+class UsageError(SpotError):
+    """An argument of the API is out of its range (batch size, step count, repeats, ...)."""
 
 
 def first_line(e: BaseException) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
 
+from .capture import clone_graph_module
 from .errors import BudgetError
 from .passes.find_blocks import ModelStructure, find_blocks
 from .passes.insert_pruning import insert_pruning
@@ -37,19 +37,6 @@ class SparsityPlan:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "flops_ratio": self.flops_ratio}
-
-
-def clone_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule over a copy of the graph (node meta kept), sharing gm's parameters and submodules."""
-    graph = Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    new = GraphModule(gm, graph)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
-    return new
 
 
 def build_sparse(

@@ -22,6 +22,7 @@ from torch import nn
 from .artifact import fingerprint, read_checkpoint
 from .coverage import coverage_prior
 from .errors import CheckpointError
+from .outputs import save_atomically
 from .passes.find_blocks import ModelStructure
 
 SIGNALS = ("embedding", "interaction", "dynamics")
@@ -129,7 +130,7 @@ class PredictorCheckpoint:
 
 
 def save_predictors(path, ckpt: PredictorCheckpoint, model: nn.Module, structure: ModelStructure) -> None:
-    torch.save(
+    save_atomically(
         {
             "format": FORMAT,
             "config": json.dumps(asdict(ckpt.config)),
@@ -140,7 +141,7 @@ def save_predictors(path, ckpt: PredictorCheckpoint, model: nn.Module, structure
             "metrics": json.dumps(ckpt.metrics),
             "backbone": ckpt.backbone,
         },
-        path,
+        path, "--out",
     )
 
 

@@ -80,9 +80,13 @@ def _as_module(obj, name: str, path) -> nn.Module:
 
 def _call(fn, what: str, path) -> nn.Module:
     try:
-        result = fn()
-    except TypeError as e:
+        inspect.signature(fn).bind()
+    except TypeError as e:  # the call itself lacks arguments; a TypeError raised inside fn is fn's own bug, below
         raise ModelFileError(f"{what} in {path} needs arguments ({e}); add a factory without arguments and pass --factory") from None
+    except ValueError:  # no signature to read (a builtin): let the call say
+        pass
+    try:
+        result = fn()
     except Exception as e:
         raise ModelFileError(f"{what} in {path} raised {_where(e, path)}; fix it and retry") from e
     if not isinstance(result, nn.Module):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .artifact import load_tensors
 from .errors import CheckpointError
 from .models.vit import ViT, ViTConfig
 
@@ -18,7 +17,7 @@ def load_shipped_model(path: Path = SHIPPED_MODEL) -> tuple[ViT, dict]:
     """The trained dense baseline (eval mode) and its recorded metrics."""
     if not path.is_file():
         raise CheckpointError(f"shipped model missing at {path}; train it with: python recipes/train_dense.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path)
     model = ViT(ViTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt.get("metrics", {})

@@ -128,9 +128,16 @@ def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
         if attn_res is not None:
             break
     if attn_res is None:
+        grid = _grid_residual(after, up, down)
+        if grid is not None:
+            raise StructureError(
+                f"attention `{core.name}` sits in a residual stream of shape {_dims(shape(grid))}, a grid of tokens, not "
+                "(batch, tokens, dim): windowed (Swin-style) or hierarchical attention cannot drop tokens without "
+                "re-partitioning windows and is not supported; spot-compile prunes plain ViTs"
+            )
         raise StructureError(
             f"attention `{core.name}` has no residual connection around it; spot-compile needs ViT blocks of the form "
-            "x + attention(x) (encoder-decoder or cross-attention models are not supported)"
+            "x + attention(x) on a (batch, tokens, dim) stream"
         )
     # MLP residual: the next add that joins a stream value with something computed from it.
     res_down = flow.descendants(attn_res) | {attn_res}
@@ -148,6 +155,21 @@ def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
     heads = _heads(core)
     return Block(index, core, "sdpa" if core.target in SDPA_OPS else "explicit", stream, attn_res, mlp_res,
                  tokens=int(s[1]), dim=int(s[2]), heads=heads)
+
+
+def _grid_residual(after: list[Node], up: set, down: set) -> Node | None:
+    """The stream of a residual add around the attention whose stream is not (batch, tokens, dim) but a grid
+    (batch, H, W, dim), as in Swin; None when there is no such add."""
+    for node in after:
+        if node.op == "call_function" and node.target in ADD_OPS and len(node.args) >= 2:
+            for x, branch in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+                if isinstance(x, Node) and isinstance(branch, Node) and x in up and branch in down and len(shape(x)) >= 4:
+                    return x
+    return None
+
+
+def _dims(s) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "B" for d in s) + ")"
 
 
 def _heads(core: Node) -> int:

@@ -62,7 +62,8 @@ def insert_pruning(
     kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)
     pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse, kept)
     pruned.meta["spot_block"] = before_block
-    stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes)
+    # The model's own output of this very tensor (an early feature map) stays the dense one: it is computed in full.
+    stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes and user.op != "output")
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
 

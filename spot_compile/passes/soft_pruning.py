@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .. import ops
+from ..capture import clone_graph_module
 from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
 from .propagate_tokens import TokenPropagation, fake_execute
@@ -102,8 +103,6 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
 def build_calibration_graph(
     captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3
 ) -> tuple[GraphModule, dict[int, SoftKeep]]:
-    from ..plan import clone_graph_module
-
     gm = clone_graph_module(captured)
     structure = find_blocks(gm)
     blocks, graph, special, cls = structure.blocks, gm.graph, structure.num_special, structure.class_token
