@@ -235,15 +235,15 @@ def check_outputs_survive(dense: GraphModule, sparse: GraphModule) -> None:
 
 def _output_shapes(gm: GraphModule) -> list[tuple | None]:
     """Each flat output's shape with the (symbolic) batch size as None; None for an output that is no tensor."""
-    shapes = []
-    for arg in gm.graph.output_node().args[0]:
+    shapes, outputs = [], next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    for arg in outputs if isinstance(outputs, (tuple, list)) else [outputs]:
         val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
         shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape) if isinstance(val, torch.Tensor) else None)
     return shapes
 
 
 def _output_names(gm: GraphModule, count: int) -> list[str]:
-    """How a user indexes each flat output: `['tokens']`, `[1]`, or `logits` for a lone tensor."""
+    """How a user indexes each flat output: `['tokens']`, `[1]`, or "(the only output)" for a lone tensor."""
     from torch.utils import _pytree as pytree
 
     spec = getattr(gm, "_out_spec", None)

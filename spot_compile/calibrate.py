@@ -38,7 +38,7 @@ from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
 from .capture import clone_graph_module
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
-from .training import accuracy, augment, batches, cosine_lr
+from .training import accuracy, augment, batches, cosine_lr, logits_of
 
 
 PARTIAL_FORMAT = "spot-compile/calibration-partial/1"
@@ -76,6 +76,8 @@ def calibrate(
     for p in model.parameters():
         p.requires_grad_(False)
     example = example_input(model, input_size)
+    with torch.no_grad():  # a model without tensor logits is refused now, not after the compile (minutes)
+        logits_of(model(example))
     captured = capture(model, example)
     # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
     distill = bool(logit_distill or token_distill)  # without distillation no teacher runs: a step is that much cheaper
@@ -139,8 +141,8 @@ def calibrate(
                     g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=g["base_lr"])
                 x = augment(x, gen)
                 with torch.no_grad():
-                    teacher = run_teacher(x) if distill else None
-                logits = run_student(x)
+                    teacher = logits_of(run_teacher(x)) if distill else None
+                logits = logits_of(run_student(x))
                 ce = F.cross_entropy(logits, y)
                 kl = (F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
                       if logit_distill else torch.zeros(()))

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .data import ImageSet, normalize
+from .errors import StructureError
 
 
 def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -27,6 +28,22 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+def logits_of(output) -> torch.Tensor:
+    """The class logits in a model's output: the tensor itself, a ModelOutput's `.logits` (Hugging Face), or the first
+    entry of a tuple, list or dict (models that also return features or auxiliary heads)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict) and output:
+        logits = next(iter(output.values()))
+    elif logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise StructureError(f"cannot find class logits in the model's output (a {type(output).__name__}); return the "
+                             "logits, a ModelOutput with .logits, or a tuple/dict with the logits first")
+    return logits
+
+
 def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -37,5 +54,5 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
 def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, batch_size: int = 500) -> float:
     correct = 0
     for x, y in batches(data, batch_size, shuffle=False):
-        correct += int((model(x).argmax(-1) == y).sum())
+        correct += int((logits_of(model(x)).argmax(-1) == y).sum())
     return 100.0 * correct / len(data)

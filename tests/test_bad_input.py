@@ -377,3 +377,33 @@ def test_a_partial_calibration_of_another_run_is_not_resumed(tmp_path):
     result = _calibrate_into(tmp_path, out)
     _one_line_error(result, "is a partial calibration of another run")
     assert "budget" in result.output and not out.exists()
+
+
+# --- calibrate takes the models apply takes ------------------------------------------------------------------------
+
+
+def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
+    pytest.importorskip("transformers")
+    from spot_compile.calibrate import calibrate
+    from spot_compile.data import ImageSet
+
+    from .model_families import INPUT_SIZE, build
+
+    model = build("hf ViTForImageClassification (sdpa)")  # returns an ImageClassifierOutput, not a tensor
+    data = ImageSet(torch.rand(16, 3, INPUT_SIZE, INPUT_SIZE), torch.randint(0, 10, (16,)), tuple("0123456789"))
+    result = calibrate(model, data, data.subset(torch.arange(8)), 0.6, batch_size=8, max_steps=2, compile=False,
+                       input_size=INPUT_SIZE)
+    assert len(result.history) == 1 and 0.0 <= result.history[0]["val_top1"] <= 100.0
+
+
+def test_calibrate_refuses_a_model_without_logits_before_the_slow_work(tmp_path):
+    from spot_compile.calibrate import calibrate
+    from spot_compile.data import ImageSet
+
+    class NoLogits(ViT):
+        def forward(self, x):
+            return {"logits": "not a tensor"} if x.shape[0] else super().forward(x)
+
+    data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,)), tuple("0123456789"))
+    with pytest.raises(StructureError, match="cannot find class logits"):
+        calibrate(NoLogits(img_size=16, patch_size=2, dim=32, depth=4, heads=2), data, data, 0.6, batch_size=8)
