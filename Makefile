@@ -16,8 +16,10 @@ OLDEST_TESTS := tests/test_prune_pass.py tests/test_find_blocks.py tests/test_tr
 demo: setup data
 	$(VENV)/bin/spot-compile demo
 
-# The oldest torch's subset first, so that the last summary line is the full suite's.
-test: setup data test-oldest-torch
+# Lint, then the oldest torch's subset, then the full suite (last, so that the last summary line is its own).
+test: setup data
+	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory test-oldest-torch
 	$(PY) -m pytest -q
 
 test-oldest-torch: $(OLDEST_VENV)/.installed data

@@ -38,7 +38,7 @@ t = time.time()
 sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(SHIPPED_PREDICTORS)))
 print(f"sparsify {time.time() - t:.0f} s", flush=True)
 t = time.time()
-compiled = sparse.compile(verify=False, dynamic=False, batch=64)
+compiled = sparse.compiled(verify=False, dynamic=False, batch=64)
 print(f"compile {time.time() - t:.0f} s", flush=True)
 x = torch.randn(64, 1, 28, 28, device="cuda")
 with torch.no_grad():

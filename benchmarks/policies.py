@@ -4,7 +4,8 @@
 
 Policies: dense, SPOT (calibrated, shipped predictors), class-attention top-k (training-free, EViT-like), random
 tokens, and SPOT with each input signal removed, and without the coverage prior when the recipe uses one (ablations,
-calibrated here with the same recipe if not cached in runs/ablation/). SPOT's predictors are calibrated once, at budget 0.6, and used at every budget: they rank tokens,
+calibrated here with the same recipe if not cached in runs/ablation/). SPOT's predictors are calibrated once, at
+budget 0.6, and used at every budget: they rank tokens,
 and the budget sets how many are kept.
 """
 

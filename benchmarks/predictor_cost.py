@@ -38,11 +38,12 @@ from torch import nn
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.bench import _cpu_name, _round_robin_ms, MODES, compiled_fn
+from spot_compile.bench import MODES, compiled_fn, cpu_name
 from spot_compile.capture import capture, example_input
 from spot_compile.config import default_stages
 from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.predictors import PredictorConfig, make_predictors
+from spot_compile.timing import round_robin_ms
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 
 
@@ -116,7 +117,7 @@ def main() -> None:
             torch._dynamo.reset()
             for mode in modes:
                 fns = [compiled_fn(g, mode, x) for g in graphs.values()]
-                times = dict(zip(graphs, _round_robin_ms(fns, x, args.warmup, args.repeats)))
+                times = dict(zip(graphs, round_robin_ms(fns, x, args.warmup, args.repeats)))
                 ms = {k: statistics.median(v) for k, v in times.items()}
                 # Each round runs spot and bare pruning back to back: their per-round difference is far less noisy
                 # than the difference of two medians taken minutes apart.
@@ -145,7 +146,7 @@ def main() -> None:
     console.print(table)
     pred_flops = (flops["spot"] - flops["bare pruning"]) / flops["dense"]
     console.print(f"predictor FLOPs (FlopCounterMode): {100 * pred_flops:.2f} % of dense")
-    meta = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "keep": list(keep), "stages": list(stages),
             "repeats": args.repeats, "warmup": args.warmup, "flops": flops, "predictor_flops_share": pred_flops}
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int
     train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
     epochs = -(-steps // (len(train) // BATCH))  # enough passes for `steps` full batches (calibrate drops a ragged last one)
-    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH, predictor=PredictorConfig(hidden=hidden, signals=signals, coverage=coverage),
+    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH,
+                     predictor=PredictorConfig(hidden=hidden, signals=signals, coverage=coverage),
                      out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
                      token_distill=token_distill, logit_distill=logit_distill, seed=seed)
 

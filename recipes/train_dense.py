@@ -83,7 +83,9 @@ def main() -> None:
     start_epoch, history = 0, []
     if partial.exists():
         state = torch.load(partial, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
         start_epoch, history = state["epoch"], state["history"]
         console.print(f"resuming from epoch {start_epoch}")
 
@@ -107,7 +109,8 @@ def main() -> None:
             model.eval()
             history.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "val_acc": accuracy(model, val)})
             progress.console.print(f"epoch {epoch + 1}: val top-1 {history[-1]['val_acc']:.2f}%")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "history": history}, partial)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
+                        "history": history}, partial)
 
     model.eval()
     test = load_dataset(args.data, "test", SHIPPED.img_size, SHIPPED.in_chans)

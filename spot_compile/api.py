@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, device_of, dtype_of, example_input
+from .capture import capture, clone_graph_module, device_of, dtype_of, example_input
 from .config import SparsifyConfig, default_stages
 from .errors import BudgetError, InputSizeError, StructureError, first_line
 from .flops import count_flops
@@ -17,17 +17,16 @@ from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, schedule_cost, solve_keep
 from .predictors import load_predictor_checkpoint, with_tuned_backbone
 from .scorers import ClassAttentionScorer, RandomScorer
+from .timing import median_pair
 
 logger = logging.getLogger("spot_compile")
-# Inductor weight freezing for SparseViT.compile(): off, by measurement (docs/performance.md: no speed gain on
-# DeiT-S at batch 1/8/64, and frozen weights would not see later changes to the model).
-FREEZING = False
 
 
 class SparseViT(nn.Module):
     """The rewritten model: a GraphModule that prunes tokens, plus the plan that produced it.
 
-    It shares its weights with the model it was made from. `compile()` returns it under `torch.compile`.
+    It shares its weights with the model it was made from. `compiled()` returns it under `torch.compile` (or the eager
+    graph where that is faster); `nn.Module.compile()` keeps its own meaning (compiles `forward` in place).
     """
 
     def __init__(self, graph_module: GraphModule, plan: SparsityPlan, structure: ModelStructure, config: SparsifyConfig) -> None:
@@ -36,7 +35,7 @@ class SparseViT(nn.Module):
         self.plan = plan
         self.config = config
         self.structure = structure
-        self.compile_choice: dict | None = None  # set by compile(verify=True)
+        self.compile_choice: dict | None = None  # set by compiled(verify=True)
 
     def forward(self, x: torch.Tensor):
         shape = self.plan.input_shape
@@ -55,21 +54,20 @@ class SparseViT(nn.Module):
                                  f"with x.to({dtype}), or the model and sparsify again")
         return self.graph_module(x)
 
-    def compile(self, *, freezing: bool = FREEZING, verify: bool = True, batch: int = 8, **options) -> Callable:
-        """`torch.compile(fullgraph=True)` of the graph, with the options chosen by measurement (docs/performance.md).
+    def compiled(self, *, freezing: bool = False, verify: bool = True, batch: int = 8, **options) -> Callable:
+        """`torch.compile(fullgraph=True)` of the graph, with the options chosen by measurement (docs/performance.md),
+        returned as a new callable (this module is left as it is).
 
         The graph is compiled before this returns, on a random batch of `batch` images. `freezing` turns on Inductor's
         weight freezing for that compile (inference only: later changes to the weights are not seen; a recompile for
-        another batch size is not frozen). With `verify`, the compiled graph is then timed against the eager one on
+        another batch size is not frozen). It is off by default, by measurement (docs/performance.md: no speed gain on
+        DeiT-S at batch 1/8/64). With `verify`, the compiled graph is then timed against the eager one on
         that batch (median of 5 after 2 warm-up, interleaved) and the faster is returned, so the result is never slower
         than eager; the timings and the choice are kept in `self.compile_choice`, and a warning is logged when eager
         wins. Also with `verify`, a compile that fails inside torch returns the eager graph with a warning (the error
         is kept in `self.compile_choice`); without it, the failure is raised. Batch size may vary (dynamic after the
         first change).
         """
-        from .bench import _median_pair
-        from .capture import clone_graph_module
-
         # A clone: Inductor may rewrite the GraphModule it is given in place (pytorch#138980), and this one is reused.
         compiled = torch.compile(clone_graph_module(self.graph_module), fullgraph=True, **options)
         x = self.example(batch)
@@ -91,7 +89,7 @@ class SparseViT(nn.Module):
         if not verify:
             return compiled
         with torch.no_grad():
-            eager_ms, compiled_ms = _median_pair((self.graph_module, compiled), x, warmup=2, repeats=5)
+            eager_ms, compiled_ms = median_pair((self.graph_module, compiled), x, warmup=2, repeats=5)
         chosen = "compiled" if compiled_ms <= eager_ms else "eager"
         self.compile_choice = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "batch": batch, "chosen": chosen}
         if chosen == "eager":
@@ -111,8 +109,6 @@ class SparseViT(nn.Module):
         """
         import os
         import tempfile
-
-        from .capture import clone_graph_module
 
         example = self.example(batch)
         dynamic = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
@@ -244,7 +240,7 @@ def _output_shapes(gm: GraphModule) -> list[tuple | None]:
 
 def _output_names(gm: GraphModule, count: int) -> list[str]:
     """How a user indexes each flat output: `['tokens']`, `[1]`, or "(the only output)" for a lone tensor."""
-    from torch.utils import _pytree as pytree
+    from torch.utils import _pytree as pytree  # noqa: PLC2701 (torch.export's own output spec is a _pytree TreeSpec)
 
     spec = getattr(gm, "_out_spec", None)
     try:

@@ -1,7 +1,8 @@
 """Latency of dense vs sparsified models, eager and compiled, measured as ratios in one run.
 
 Runs are interleaved (for one budget and batch: dense and sparse of every mode, round-robin) so machine noise hits
-them all alike; each figure is the median of `repeats` timed runs after `warmup` untimed ones. Efficiency = measured speedup x FLOPs ratio (1.0 means the
+them all alike; each figure is the median of `repeats` timed runs after `warmup` untimed ones (`timing.py`).
+Efficiency = measured speedup x FLOPs ratio (1.0 means the
 speedup reaches the FLOPs limit). Modes: "eager" (the model itself vs the sparse GraphModule), "compiled"
 (`torch.compile`, Inductor defaults), "frozen" (the same with Inductor's weight freezing, which constant-folds and
 pre-packs the weights: inference only), "aot" (AOTInductor: `SparseViT.aot_compile`, one shared library per graph,
@@ -32,6 +33,7 @@ from rich.table import Table
 from .api import sparsify
 from .config import SparsifyConfig
 from .errors import UsageError, first_line
+from .timing import median_ms, median_pair
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
 DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
@@ -66,40 +68,11 @@ class Timing:
                 "sparse_images_per_s": self.sparse_images_per_s}
 
 
-def _round_robin_ms(fns, x, warmup: int, repeats: int) -> list[list[float]]:
-    """ms of each call of each callable, the callables run round-robin so that machine noise hits them all alike:
-    entry i of every list comes from the same round. Each round starts one callable later, so each takes every place
-    in the order equally often: measured, the callable right after a large one ran ~3 ms slower at batch 64 (its
-    caches were evicted), enough to bias a small difference between two cheap graphs."""
-    times = [[] for _ in fns]
-    n = len(fns)
-    for i in range(warmup + repeats):
-        for j in range(n):
-            fn, acc = fns[(i + j) % n], times[(i + j) % n]
-            t = time.perf_counter()
-            fn(x)
-            if x.is_cuda:  # kernels run asynchronously: the call is over when the device is done
-                torch.cuda.synchronize()
-            if i >= warmup:
-                acc.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
-def _medians(fns, x, warmup: int, repeats: int) -> list[float]:
-    """Median ms of each callable, run round-robin (`_round_robin_ms`)."""
-    return [statistics.median(t) for t in _round_robin_ms(fns, x, warmup, repeats)]
-
-
-def _median_pair(fns, x, warmup: int, repeats: int) -> tuple[float, float]:
-    a, b = _medians(fns, x, warmup, repeats)
-    return a, b
-
-
 def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
     """Median eager latency (seconds) of dense and sparse at one batch size: the quick check of apply and demo."""
     model.eval()
     with torch.no_grad():
-        dense_ms, sparse_ms = _median_pair((model, sparse), sparse.example(batch), 2, repeats)
+        dense_ms, sparse_ms = median_pair((model, sparse), sparse.example(batch), 2, repeats)
     return dense_ms / 1e3, sparse_ms / 1e3
 
 
@@ -153,7 +126,7 @@ def compiled_fn(graph, mode: str, example: torch.Tensor) -> Callable:
     if mode == "aot":
         return graph.aot_compile(batch=len(example))
     options = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
-    return graph.compile(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
+    return graph.compiled(freezing=mode == "frozen", verify=False, dynamic=False, batch=len(example), **options)
 
 
 def compiled_pair(dense, sparse, mode: str, example: torch.Tensor) -> tuple[Callable, Callable]:
@@ -208,7 +181,7 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
                         console.log(f"budget {budget} batch {batch}: {mode} mode: dense and sparse compiled in "
                                     f"{time.perf_counter() - start:.0f} s")
                 progress.update(task, description=f"budget {budget} batch {batch}: timing")
-                ms = _medians([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
+                ms = median_ms([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
                 for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):
                     # CUDA graphs replay in a memory pool allocated at capture: the allocator sees no new memory
                     peak = (None, None) if mode == "cudagraphs" else (peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x))
@@ -293,7 +266,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     meta = {"model": name, "policy": policy, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": device.type, "cpu": _cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+            "device": device.type, "cpu": cpu_name(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
             "repeats": repeats, "warmup": warmup}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -313,7 +286,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     console.print(f"wrote {out_dir}/latency_{name}.json, .md and speedup_{name}.png")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -28,18 +28,16 @@ from rich.table import Table
 from torch import nn
 
 from .api import SparseViT, sparsify
-from .artifact import fingerprint, load_tensors
-from .capture import capture, example_input
+from .capture import capture, clone_graph_module, example_input
+from .checkpoints import fingerprint, load_tensors
 from .config import SparsifyConfig, default_stages
 from .data import ImageSet
 from .errors import CheckpointError, DataError, UsageError, first_line
 from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
-from .capture import clone_graph_module
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
 from .training import accuracy, augment, batches, cosine_lr, logits_of
-
 
 PARTIAL_FORMAT = "spot-compile/calibration-partial/1"
 
@@ -117,7 +115,8 @@ def calibrate(
                 m.load_state_dict(state["predictors"][s])
             if finetune:
                 model.load_state_dict(state["backbone"])
-            opt.load_state_dict(state["opt"]); gen.set_state(state["gen"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
             history, start_epoch, step = json.loads(state["history"]), int(state["epoch"]), int(state["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{partial} is a damaged partial calibration ({first_line(e)}); delete it to start afresh") from None

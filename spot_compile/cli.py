@@ -146,7 +146,8 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--freeze-backbone/--finetune", default=True, show_default=True,
               help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
-@click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Learning rate of the backbone with --finetune (the shipped predictors used 1e-3; docs/spot.md).")
+@click.option("--backbone-lr", type=float, default=1e-4, show_default=True,
+              help="Learning rate of the backbone with --finetune (the shipped predictors used 1e-3; docs/spot.md).")
 @click.option("--token-distill", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the loss that pulls the surviving tokens towards the dense model's (0: logits only).")
 @click.option("--logit-distill", type=click.FloatRange(min=0), default=0.5, show_default=True,

@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import sparsify
-from .bench import _median_pair, quick_latency
+from .bench import quick_latency
 from .config import SparsifyConfig
 from .data import FASHION_MNIST_DIR, load_dataset
+from .timing import median_pair
 from .training import accuracy
 from .zoo import SHIPPED_PREDICTORS, load_shipped_model
 
@@ -28,7 +29,7 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
         table.add_column(col)
     with console.status("dense baseline (accuracy, torch.compile)"):
         dense_acc = accuracy(model, test)
-        dense_fast = sparsify(model, SparsifyConfig(budget=1.0)).compile(batch=64)
+        dense_fast = sparsify(model, SparsifyConfig(budget=1.0)).compiled(batch=64)
     results = {"dense": dense_acc}
     first = None
     for policy in policies:
@@ -38,8 +39,8 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
             acc = accuracy(sparse, test)
             dense_t, sparse_t = quick_latency(model, sparse)
         with console.status(f"torch.compile ({policy})"), torch.no_grad():
-            sparse_fast = sparse.compile(batch=64)
-            dense_ms, sparse_ms = _median_pair((dense_fast, sparse_fast), torch.randn(64, *sparse.plan.input_shape[1:]), 2, 5)
+            sparse_fast = sparse.compiled(batch=64)
+            dense_ms, sparse_ms = median_pair((dense_fast, sparse_fast), sparse.example(64), 2, 5)
         if first is None:
             first = sparse.plan
             table.add_row("dense", f"{dense_acc:.2f}", f"{first.dense_flops / 1e9:.4f}", "1.000", "1.000", "1.000")
@@ -50,5 +51,5 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
     kept = " -> ".join(str(s.tokens_out) for s in first.stages)
     console.print(f"tokens: {first.stages[0].tokens_in} -> {kept} (stages before blocks {[s.block for s in first.stages]})")
     console.print("latency ratio = sparse / dense time, median of 5 interleaved runs; the compiled column uses "
-                  "SparseViT.compile(), which falls back to eager where Inductor is slower")
+                  "SparseViT.compiled(), which falls back to eager where Inductor is slower")
     return results

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifact import fingerprint, read_checkpoint
+from .checkpoints import fingerprint, read_checkpoint
 from .coverage import coverage_prior
 from .errors import CheckpointError
 from .outputs import save_atomically
@@ -150,7 +150,8 @@ def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure)
         raise CheckpointError("policy 'spot' needs calibrated predictors: pass --predictors FILE (made by spot-compile calibrate)")
     data = read_checkpoint(path, FORMAT)
     if data["fingerprint"] != fingerprint(model, structure):
-        raise CheckpointError(f"{path} was calibrated for a different model (structure or parameter shapes differ); calibrate predictors for this model")
+        raise CheckpointError(f"{path} was calibrated for a different model (structure or parameter shapes differ); "
+                              "calibrate predictors for this model")
     cfg = json.loads(data["config"])
     config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]), coverage=cfg.get("coverage", 0.0))
     stages = tuple(data["stages"])

@@ -25,7 +25,8 @@ def blocks_table(structure: ModelStructure) -> Table:
 
 def plan_table(plan: SparsityPlan, latency: tuple[float, float] | None = None) -> Group:
     table = Table(title=f"spot-compile plan: policy {plan.policy}, budget {plan.budget}")
-    table.add_column("stage"); table.add_column("before block"); table.add_column("tokens in"); table.add_column("tokens kept")
+    for column in ("stage", "before block", "tokens in", "tokens kept"):
+        table.add_column(column)
     for i, s in enumerate(plan.stages):
         table.add_row(str(i + 1), str(s.block), str(s.tokens_in), str(s.tokens_out))
     lines = [

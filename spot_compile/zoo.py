@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifact import load_tensors
+from .checkpoints import load_tensors
 from .errors import CheckpointError
 from .models.vit import ViT, ViTConfig
 

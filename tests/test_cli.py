@@ -94,7 +94,8 @@ BAD_INPUTS = {
     "unknown --model": (MODEL_FILE, ["--model", "nope"], "defines nothing named 'nope'"),
     "no attention": ("import torch.nn as nn\nmodel = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())\n", ["--input-size", "8"], "no attention found"),
     "input size mismatch": (MODEL_FILE, ["--input-size", "20"], "rejects a"),
-    "no input size": ("import torch.nn as nn\nclass M(nn.Module):\n    def forward(self, x):\n        return x\n", [], "cannot tell the model's input size"),
+    "no input size": ("import torch.nn as nn\nclass M(nn.Module):\n    def forward(self, x):\n        return x\n", [],
+                      "cannot tell the model's input size"),
     "budget zero": (MODEL_FILE, ["--budget", "0"], "budget must be in (0, 1]"),
     "budget above one": (MODEL_FILE, ["--budget", "1.5"], "budget must be in (0, 1]"),
     "budget unreachable": (MODEL_FILE, ["--budget", "0.1", "--stages", "3"], "unreachable"),
@@ -103,7 +104,8 @@ BAD_INPUTS = {
     "encoder-decoder": (ENCODER_DECODER_FILE, ["--input-size", "16"], "cross-attention, as in an encoder-decoder"),
     "corrupt predictors": (MODEL_FILE, ["--predictors", "CORRUPT"], "not a readable checkpoint"),
     "calibrate, data dir missing": (MODEL_FILE, ["calibrate", "--data", "NOPE", "--out", "p.pt"], "data directory not found"),
-    "untraceable": ("import torch, torch.nn as nn\nclass M(nn.Module):\n    img_size = 8\n    def forward(self, x):\n        if x.sum() > 0:\n            return x\n        return -x\nmodel = M()\n", [], "torch.export cannot capture"),
+    "untraceable": ("import torch, torch.nn as nn\nclass M(nn.Module):\n    img_size = 8\n    def forward(self, x):\n"
+                    "        if x.sum() > 0:\n            return x\n        return -x\nmodel = M()\n", [], "torch.export cannot capture"),
 }
 
 

@@ -1,5 +1,5 @@
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC2701 (counts dynamo frames)
 
 import spot_compile as sc
 from spot_compile.capture import capture, example_input
@@ -26,20 +26,20 @@ def test_fullgraph_compile_no_recompiles_and_same_outputs():
 
 
 def test_compile_never_hands_back_something_slower_than_eager(monkeypatch, caplog):
-    import spot_compile.bench as bench
+    import spot_compile.api as api
 
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
     x = torch.randn(2, 1, 16, 16)
     torch._dynamo.reset()
-    fast = sparse.compile(batch=4)
+    fast = sparse.compiled(batch=4)
     assert sparse.compile_choice["chosen"] in ("compiled", "eager") and sparse.compile_choice["eager_ms"] > 0
     with torch.no_grad():
         torch.testing.assert_close(fast(x), sparse(x), atol=1e-4, rtol=1e-4)
     # where Inductor loses, the eager graph comes back, and the user is told
-    monkeypatch.setattr(bench, "_median_pair", lambda fns, x, warmup, repeats: (1.0, 2.0))
+    monkeypatch.setattr(api, "median_pair", lambda fns, x, warmup, repeats: (1.0, 2.0))
     torch._dynamo.reset()
     with caplog.at_level("WARNING", logger="spot_compile"):
-        slow_compile = sparse.compile(batch=4)
+        slow_compile = sparse.compiled(batch=4)
     assert slow_compile is sparse.graph_module and sparse.compile_choice["chosen"] == "eager"
     assert "slower than eager" in caplog.text
 
@@ -62,7 +62,7 @@ def test_compiled_fn_hands_each_benchmark_mode_its_compile_path(monkeypatch):
 
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
     calls = []
-    monkeypatch.setattr(type(sparse), "compile", lambda self, **kw: calls.append(("compile", kw)) or "compiled")
+    monkeypatch.setattr(type(sparse), "compiled", lambda self, **kw: calls.append(("compile", kw)) or "compiled")
     monkeypatch.setattr(type(sparse), "aot_compile", lambda self, batch, **kw: calls.append(("aot", batch)) or "aot")
     x = torch.randn(3, 1, 16, 16)
     fns = {mode: compiled_fn(sparse, mode, x) for mode in MODES}
@@ -85,11 +85,11 @@ def test_a_compile_that_fails_inside_torch_falls_back_to_eager(monkeypatch, capl
 
     monkeypatch.setattr(torch, "compile", broken)
     with caplog.at_level("WARNING", logger="spot_compile"):
-        fallback = sparse.compile(batch=2)
+        fallback = sparse.compiled(batch=2)
     assert fallback is sparse.graph_module and sparse.compile_choice["chosen"] == "eager"
     assert "not comparable" in sparse.compile_choice["error"] and "returning the eager graph" in caplog.text
     with pytest.raises(RuntimeError, match="not comparable"):  # benchmarks ask for the compiled graph itself
-        sparse.compile(batch=2, verify=False)
+        sparse.compiled(batch=2, verify=False)
 
 
 def test_bench_leaves_out_a_mode_that_fails_to_compile(monkeypatch):
@@ -123,5 +123,5 @@ def test_the_token_positions_compile_where_inductor_lowers_cat_pointwise():
     sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 25), stages=stages, policy="spot"), scorers=predictors)
     x = torch.randn(3, 1, 16, 16)
     with torch._inductor.config.patch(force_pointwise_cat=True), torch.no_grad():
-        compiled = sparse.compile(verify=False, dynamic=False, batch=3)
+        compiled = sparse.compiled(verify=False, dynamic=False, batch=3)
         torch.testing.assert_close(compiled(x), sparse(x), atol=1e-4, rtol=1e-4)

@@ -8,7 +8,6 @@ from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.passes.graph_query import SDPA_OPS, SOFTMAX_OPS
 
 
-
 def test_finds_every_block_with_its_parts(variant):
     name, model = variant
     structure = find_blocks(capture(model, example_input(model, None)))

@@ -20,7 +20,7 @@ def test_family(name):
     assert abs(sparse.plan.flops_ratio - 0.6) <= 0.012
     assert [s.tokens_out for s in sparse.plan.stages] == sorted((s.tokens_out for s in sparse.plan.stages), reverse=True)
     torch._dynamo.reset()
-    compiled = sparse.compile(verify=False, batch=len(x))
+    compiled = sparse.compiled(verify=False, batch=len(x))
     with torch.no_grad():
         eager = logits(sparse(x))
         torch.testing.assert_close(logits(compiled(x)), eager, atol=1e-4, rtol=1e-4)

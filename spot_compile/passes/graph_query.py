@@ -1,8 +1,6 @@
-"""Graph queries on an exported fx graph, in networkx: tensor data flow, ancestry, dominance."""
+"""Graph queries on an exported fx graph, in networkx: tensor data flow and ancestry."""
 
 from __future__ import annotations
-
-from functools import cached_property
 
 import networkx as nx
 import torch
@@ -61,27 +59,12 @@ class DataFlow:
         for p in self.inputs:
             g.add_edge(self.SOURCE, p)
         self.g = g
-        self.output = next(n for n in graph.nodes if n.op == "output")
 
     def ancestors(self, node: Node) -> set[Node]:
         return nx.ancestors(self.g, node) - {self.SOURCE}
 
     def descendants(self, node: Node) -> set[Node]:
         return nx.descendants(self.g, node)
-
-    @cached_property
-    def _idom(self) -> dict:
-        return nx.immediate_dominators(self.g, self.SOURCE)
-
-    def dominates(self, a: Node, b: Node) -> bool:
-        """Every path from the input to `b` passes through `a`."""
-        idom = self._idom
-        node = b
-        while node in idom and idom[node] is not node:
-            if node is a:
-                return True
-            node = idom[node]
-        return node is a
 
     def depends_on_input(self, node: Node) -> bool:
         return any(p in self.ancestors(node) or p is node for p in self.inputs)

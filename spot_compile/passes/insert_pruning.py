@@ -36,7 +36,8 @@ def insert_pruning(
     """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node."""
     blocks = structure.blocks
     if not 1 <= before_block < len(blocks):
-        raise StructureError(f"stage at block {before_block} is out of range: the model has blocks 0..{len(blocks) - 1}, stages must be 1..{len(blocks) - 1}")
+        raise StructureError(f"stage at block {before_block} is out of range: the model has blocks 0..{len(blocks) - 1}, "
+                             f"stages must be 1..{len(blocks) - 1}")
     stream = blocks[before_block].input
     tokens_in = int(stream.meta["val"].shape[1])
     patch_tokens = tokens_in - structure.num_special
@@ -113,7 +114,8 @@ def materialize_attention(gm: GraphModule, block: Block, emit: _Emitter) -> Node
         return block.probs
     sdpa = block.attention
     q, k, v = sdpa.args[:3]
-    extra = [a for a in sdpa.args[3:] if a not in (None, 0.0, False)] + [kw for kw, a in sdpa.kwargs.items() if kw != "scale" and a not in (None, 0.0, False)]
+    extra = [a for a in sdpa.args[3:] if a not in (None, 0.0, False)]
+    extra += [kw for kw, a in sdpa.kwargs.items() if kw != "scale" and a not in (None, 0.0, False)]
     if extra:  # masked, causal or dropout attention: keep it fused and form the matrix beside it
         probs = emit(ops.attention_probs, q, k, block.scale)
     else:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._dispatch.python import enable_python_dispatcher
-from torch._guards import detect_fake_mode
+from torch._dispatch.python import enable_python_dispatcher  # noqa: PLC2701 (fake execution of one node, no public API)
+from torch._guards import detect_fake_mode  # noqa: PLC2701
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -74,9 +74,13 @@ def view_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[in
         i, j = i + 1, j + 1
         while pi != pj:
             if pi < pj:
-                pi *= src[i]; gi.append(i); i += 1
+                pi *= src[i]
+                gi.append(i)
+                i += 1
             else:
-                pj *= dst[j]; gj.append(j); j += 1
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
         groups.append((gi, gj))
     if groups:  # trailing size-1 dims join the last group
         groups[-1][0].extend(range(i, len(src)))

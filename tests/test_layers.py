@@ -1,0 +1,60 @@
+"""The package's layering, read from its source: no import cycles between its modules (module-level imports and
+imports inside functions alike), and no module importing another module's private name."""
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parent.parent / "spot_compile"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported module, names taken from it) for each import of a spot_compile module in `path`."""
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module.split(".")[0] != "spot_compile":
+                continue
+            names = [a.name for a in node.names]
+            submodules = [f"{module}.{n}" for n in names if (PACKAGE.parent / f"{module}.{n}".replace(".", "/")).with_suffix(".py").is_file()]
+            found += [(m, []) for m in submodules]
+            found.append((module, [n for n in names if f"{module}.{n}" not in submodules]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "spot_compile"]
+    return found
+
+
+def _package_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_cycles_between_modules():
+    modules = _package_modules()
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        graph.add_node(name)
+        for target, _ in _imports(path):
+            if target in modules and target != name and not (name.startswith(target + ".") and modules[target].name == "__init__.py"):
+                graph.add_edge(name, target)
+    # the package's __init__ re-exports the public API: it may import anything, and nothing imports it back
+    graph.remove_node("spot_compile")
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_module_imports_another_modules_private_name():
+    offenders = []
+    for name, path in _package_modules().items():
+        for target, names in _imports(path):
+            offenders += [f"{name} imports {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not offenders, offenders
