@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spot_compile.calibrate import calibrate
+from spot_compile.calibration import calibrate
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split
 from spot_compile.predictors import SIGNALS, PredictorConfig
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model

@@ -9,7 +9,7 @@
 from . import flops as _flops  # noqa: F401  (registers the CPU fused-attention FLOP formula)
 from .api import SparseViT, sparsify
 from .artifact import load, save
-from .calibrate import calibrate
+from .calibration import calibrate
 from .config import SparsifyConfig
 from .errors import SpotError
 

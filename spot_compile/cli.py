@@ -153,9 +153,13 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--logit-distill", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Weight of the KL to the dense model's logits (0 with --token-distill 0: no teacher runs, each step is cheaper).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
+                   "from it exactly, also after a kill mid-epoch.")
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill, logit_distill, out) -> None:
-    from .calibrate import calibrate as run
+              noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
+              logit_distill, out, save_every) -> None:
+    from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
     from .data import load_dataset, train_val_split
@@ -174,7 +178,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill)
+        logit_distill=logit_distill, save_every=save_every)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

@@ -11,8 +11,11 @@ from .data import ImageSet, normalize
 from .errors import StructureError
 
 
-def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+            order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised image batches with labels, in `order` if given (a resumed epoch), else shuffled or in order."""
+    if order is None:
+        order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
         yield normalize(data.images[idx]), data.labels[idx]

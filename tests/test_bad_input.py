@@ -317,7 +317,7 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
     (dict(batch_size=64), DataError),  # more than the 12 training images
 ], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
-    from spot_compile.calibrate import calibrate
+    from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet
 
     data = ImageSet(torch.rand(12, 1, 16, 16), torch.randint(0, 10, (12,)), tuple("0123456789"))
@@ -369,7 +369,7 @@ def test_a_malicious_partial_calibration_runs_no_code(tmp_path):
 def test_a_partial_calibration_of_another_run_is_not_resumed(tmp_path):
     import json
 
-    from spot_compile.calibrate import PARTIAL_FORMAT
+    from spot_compile.calibration import PARTIAL_FORMAT
 
     out = tmp_path / "p.pt"
     torch.save({"format": PARTIAL_FORMAT, "identity": json.dumps({"budget": 0.3, "stages": [1, 2, 3]})},
@@ -384,7 +384,7 @@ def test_a_partial_calibration_of_another_run_is_not_resumed(tmp_path):
 
 def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
     pytest.importorskip("transformers")
-    from spot_compile.calibrate import calibrate
+    from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet
 
     from .model_families import INPUT_SIZE, build
@@ -397,7 +397,7 @@ def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
 
 
 def test_calibrate_refuses_a_model_without_logits_before_the_slow_work(tmp_path):
-    from spot_compile.calibrate import calibrate
+    from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet
 
     class NoLogits(ViT):
@@ -407,3 +407,12 @@ def test_calibrate_refuses_a_model_without_logits_before_the_slow_work(tmp_path)
     data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,)), tuple("0123456789"))
     with pytest.raises(StructureError, match="cannot find class logits"):
         calibrate(NoLogits(img_size=16, patch_size=2, dim=32, depth=4, heads=2), data, data, 0.6, batch_size=8)
+
+
+def test_a_class_count_unlike_the_heads_is_one_line(model):
+    from spot_compile.calibration import calibrate
+    from spot_compile.data import ImageSet
+
+    data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 3, (16,)), ("a", "b", "c"))
+    with pytest.raises(DataError, match="the data has 3 classes but the model's head gives 10 logits"):
+        calibrate(model, data, data, 0.6, batch_size=8)

@@ -3,7 +3,7 @@ import torch
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.calibrate import calibrate, token_loss
+from spot_compile.calibration import calibrate, token_loss
 from spot_compile.capture import capture, example_input
 from spot_compile.data import ImageSet
 from spot_compile.errors import CheckpointError
@@ -206,7 +206,7 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path, overrides):
 
 @pytest.mark.parametrize("logit_distill", [0.5, 0.0], ids=["distilled", "no-teacher"])
 def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path, monkeypatch, logit_distill):
-    import spot_compile.calibrate as calibration
+    import spot_compile.calibration as calibration
 
     captures = []
     monkeypatch.setattr(calibration, "capture", lambda *a: captures.append(a) or capture(*a))

@@ -55,7 +55,7 @@ def calibrate(
     epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
-    backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5,
+    backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -64,9 +64,13 @@ def calibrate(
     (Inductor fuses the masked softmax and the descriptor reductions, which dominate in eager), for a one-time
     compile of ~2 minutes.
     With `finetune`, `model`'s own parameters are updated in place.
+
+    With `out`, a partial checkpoint `<out>.partial` is written (atomically) after every epoch and, with `save_every`,
+    every that many steps; a run started again with the same arguments resumes from it exactly (predictors, optimizer,
+    schedule, the epoch's shuffle, every random generator), also when it was killed mid-epoch.
     """
     console = console or Console()
-    _check_arguments(train, val, batch_size, epochs, max_steps)
+    _check_arguments(train, val, batch_size, epochs, max_steps, save_every)
     if out is not None:
         out = check_writable_file(out, "--out")
     torch.manual_seed(seed)
@@ -75,7 +79,10 @@ def calibrate(
         p.requires_grad_(False)
     example = example_input(model, input_size)
     with torch.no_grad():  # a model without tensor logits is refused now, not after the compile (minutes)
-        logits_of(model(example))
+        classes = logits_of(model(example)).shape[-1]
+    if len(train.classes) != classes:
+        raise DataError(f"the data has {len(train.classes)} classes but the model's head gives {classes} logits; "
+                        "calibrate on data with the classes the model was trained on, in its order")
     captured = capture(model, example)
     # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
     distill = bool(logit_distill or token_distill)  # without distillation no teacher runs: a step is that much cheaper
@@ -108,6 +115,7 @@ def calibrate(
     # What a partial checkpoint must have been made for to be resumed here: the same model, budget, stages and setup.
     identity = {"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages), "keep": list(keep),
                 "predictor": asdict(predictor), "finetune": finetune, "batch_size": batch_size}
+    resume = None
     if partial and partial.exists():
         state = _read_partial(partial, identity)
         try:
@@ -116,11 +124,22 @@ def calibrate(
             if finetune:
                 model.load_state_dict(state["backbone"])
             opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
             history, start_epoch, step = json.loads(state["history"]), int(state["epoch"]), int(state["step"])
+            resume = {"batch": int(state["batch"]), "epoch_gen": state["epoch_gen"], "gen": state["gen"],
+                      "torch_rng": state["torch_rng"], "sums": json.loads(state["sums"]), "n": int(state["n"])}
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{partial} is a damaged partial calibration ({first_line(e)}); delete it to start afresh") from None
-        console.print(f"resuming calibration from epoch {start_epoch}")
+        console.print(f"resuming calibration at step {step} (epoch {start_epoch + 1}, batch {resume['batch']})")
+
+    def save_partial(epoch: int, batch: int, epoch_gen: torch.Tensor, sums: dict, n: int) -> None:
+        """Everything a resumed run needs to continue as if never stopped; `epoch_gen` is the generator's state when
+        `epoch` began (its shuffle is drawn from it again), `batch` the batches of that epoch already trained."""
+        save_atomically({"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True),
+                         "predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
+                         "backbone": model.state_dict() if finetune else None, "history": json.dumps(history),
+                         "epoch": epoch, "batch": batch, "step": step, "epoch_gen": epoch_gen, "gen": gen.get_state(),
+                         "torch_rng": torch.get_rng_state(), "sums": json.dumps(sums), "n": n}, partial, "--out")
+
     t0 = time.time()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -132,8 +151,17 @@ def calibrate(
             for m in predictors.values():
                 m.train()
             sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tok": 0.0, "ratio": 0.0}
-            n = 0
-            for x, y in batches(train, batch_size, shuffle=True, generator=gen):
+            n, first = 0, 0
+            if resume is not None and epoch == start_epoch:  # the same shuffle, then the generators as they were
+                gen.set_state(resume["epoch_gen"])
+                epoch_gen, order = resume["epoch_gen"], torch.randperm(len(train), generator=gen)
+                if resume["batch"]:  # saved mid-epoch: the generator had gone on past the shuffle
+                    gen.set_state(resume["gen"])
+                    sums, n, first = resume["sums"], resume["n"], resume["batch"]
+                torch.set_rng_state(resume["torch_rng"])
+            else:
+                epoch_gen, order = gen.get_state(), torch.randperm(len(train), generator=gen)
+            for i, (x, y) in enumerate(batches(train, batch_size, shuffle=True, order=order[first * batch_size:]), first):
                 if step >= total or len(y) < batch_size:
                     break
                 for g in opt.param_groups:
@@ -157,16 +185,15 @@ def calibrate(
                 n += 1
                 step += 1
                 progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {sums['loss'] / n:.3f}")
+                if partial and save_every and step % save_every == 0 and step < total:
+                    save_partial(epoch, i + 1, epoch_gen, sums, n)
             for m in predictors.values():
                 m.eval()
             row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": accuracy(sparse, val)}
             history.append(row)
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
             if partial:
-                save_atomically({"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True),
-                                 "predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
-                                 "backbone": model.state_dict() if finetune else None, "gen": gen.get_state(),
-                                 "history": json.dumps(history), "epoch": epoch + 1, "step": step}, partial, "--out")
+                save_partial(epoch + 1, 0, gen.get_state(), {}, 0)
     seconds = time.time() - t0
     for p in model.parameters():
         p.requires_grad_(False)
@@ -190,13 +217,15 @@ def calibrate(
     return CalibrationResult(ckpt, sparse, history, seconds)
 
 
-def _check_arguments(train: ImageSet, val: ImageSet, batch_size: int, epochs: int, max_steps: int | None) -> None:
+def _check_arguments(train: ImageSet, val: ImageSet, batch_size: int, epochs: int, max_steps: int | None,
+                     save_every: int | None) -> None:
     """Refuses, before the model is captured, a run that could not train a single step or validate."""
     for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1)):
         if not isinstance(value, int) or value < least:
             raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise UsageError(f"max_steps must be a whole number >= 1 (or None for whole epochs), got {max_steps!r}")
+    for name, value in (("max_steps", max_steps), ("save_every", save_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name} must be a whole number >= 1 (or None), got {value!r}")
     if len(train) < batch_size:
         raise DataError(f"{len(train)} training images are fewer than one batch of {batch_size}: no step could run; "
                         "lower --batch-size, lower --val-size or add images")
