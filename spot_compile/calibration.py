@@ -37,6 +37,7 @@ from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
+from .runlog import RunLog
 from .training import accuracy, augment, batches, cosine_lr, logits_of
 
 PARTIAL_FORMAT = "spot-compile/calibration-partial/1"
@@ -141,9 +142,11 @@ def calibrate(
                          "torch_rng": torch.get_rng_state(), "sums": json.dumps(sums), "n": n}, partial, "--out")
 
     t0 = time.time()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    log = RunLog(console, out.with_suffix(".jsonl") if out else None, total, batch_size, resumed=resume is not None)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("calibrating", total=total, completed=step)
+        task = progress.add_task("calibrating", total=total, completed=step, rate="")
         for epoch in range(start_epoch, epochs):
             if step >= total:
                 break
@@ -184,16 +187,22 @@ def calibrate(
                     sums[key] += float(v.detach())
                 n += 1
                 step += 1
-                progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {sums['loss'] / n:.3f}")
+                progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {sums['loss'] / n:.3f}",
+                                rate=f"{log.images_per_s():.1f} img/s")
+                log.step(step, epoch + 1, {"loss": float(loss), "ce": float(ce), "kl": float(kl), "tok": float(tok),
+                                           "ratio_loss": float(ratio), "lr": [g["lr"] for g in opt.param_groups],
+                                           "keep_ratio": {str(s): float(keepers[s].soft_ratio.mean()) for s in stages}})
                 if partial and save_every and step % save_every == 0 and step < total:
                     save_partial(epoch, i + 1, epoch_gen, sums, n)
             for m in predictors.values():
                 m.eval()
             row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": accuracy(sparse, val)}
             history.append(row)
+            log.validation(row)
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
             if partial:
                 save_partial(epoch + 1, 0, gen.get_state(), {}, 0)
+    log.close()
     seconds = time.time() - t0
     for p in model.parameters():
         p.requires_grad_(False)

@@ -23,8 +23,15 @@ def _weights(result):
 
 @pytest.mark.parametrize("stop_at", [5, 4], ids=["mid-epoch", "epoch-end"])
 def test_a_run_stopped_and_started_again_ends_as_one_that_was_not(tmp_path, monkeypatch, stop_at):
+    import io
+    import json
+
+    from rich.console import Console
+
     train, val = _data()
-    whole = calibration.calibrate(small_vit(), train, val, **ARGS)
+    printed = io.StringIO()  # not a terminal, as a cluster job's log: plain progress lines instead of a live bar
+    whole = calibration.calibrate(small_vit(), train, val, console=Console(file=printed, width=200), **ARGS)
+    assert "step 8/8 (100 %), epoch 2, loss" in printed.getvalue() and "img/s" in printed.getvalue()
     out = tmp_path / "p.pt"
 
     real_lr = calibration.cosine_lr
@@ -45,6 +52,11 @@ def test_a_run_stopped_and_started_again_ends_as_one_that_was_not(tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-6)
     assert [r["val_top1"] for r in resumed.history] == [r["val_top1"] for r in whole.history]
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9)), "each step once, across the stop"
+    assert set(steps[0]) >= {"loss", "ce", "kl", "ratio_loss", "lr", "keep_ratio", "images_per_s"}
+    assert [r["validation"]["epoch"] for r in records if "validation" in r] == [1, 2]
 
 
 def test_a_cli_run_killed_with_sigkill_finishes_when_started_again(tmp_path):

@@ -1,0 +1,59 @@
+"""How a long training run reports itself: a rate on the progress bar, plain periodic lines where stdout is not a
+terminal (a cluster job's log file, where a live bar prints nothing until the end), and a JSON-lines record of every
+step and validation that a person or a plot can read afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+
+class RunLog:
+    """Step and validation records of one run. `path` (JSON lines) is appended to when `resumed`, else started anew;
+    `every_s`: seconds between plain progress lines on a console that is not a terminal."""
+
+    def __init__(self, console: Console, path: Path | None, total_steps: int, batch_size: int, *, resumed: bool,
+                 every_s: float = 30.0) -> None:
+        self.console, self.total, self.batch_size, self.every_s = console, total_steps, batch_size, every_s
+        self.file = open(path, "a" if resumed else "w") if path is not None else None  # noqa: SIM115 (closed by close())
+        self.start = self.last_line = time.perf_counter()
+        self.steps_here = 0  # steps run by this process: the rate is this process's own
+
+    def images_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.steps_here * self.batch_size / elapsed if elapsed > 0 else 0.0
+
+    def step(self, step: int, epoch: int, metrics: dict) -> None:
+        """After optimizer step `step` (1-based): one JSON line, and a plain line now and then off a terminal."""
+        self.steps_here += 1
+        rate = self.images_per_s()
+        self._write({"step": step, "epoch": epoch, **metrics, "images_per_s": rate})
+        now = time.perf_counter()
+        if not self.console.is_terminal and (now - self.last_line >= self.every_s or step == self.total):
+            self.last_line = now
+            left = (self.total - step) * self.batch_size / rate if rate > 0 else float("nan")
+            self.console.print(f"step {step}/{self.total} ({100 * step / self.total:.0f} %), epoch {epoch}, "
+                               f"loss {metrics['loss']:.4f}, {rate:.1f} img/s, ETA {_duration(left)}", highlight=False)
+
+    def validation(self, record: dict) -> None:
+        self._write({"validation": record})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def _write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no step timed yet
+        return "?"
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
