@@ -22,7 +22,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from spot_compile.checkpoints import load_tensors
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split
+from spot_compile.errors import SpotError
 from spot_compile.models.vit import ViT, ViTConfig
 from spot_compile.training import accuracy, augment, batches, cosine_lr
 
@@ -59,19 +61,23 @@ def main() -> None:
     console = Console()
     torch.manual_seed(args.seed)
 
+    model = ViT(SHIPPED)
+    prior_epochs = 0
+    if args.init:  # read before the data: a bad file costs nothing (tensors only: a pickle in it cannot run code)
+        try:
+            init = load_tensors(args.init)
+        except SpotError as e:
+            raise SystemExit(f"error: {e}") from None
+        if not isinstance(init, dict) or init.get("config") != SHIPPED.to_dict():
+            found = init.get("config") if isinstance(init, dict) else type(init).__name__
+            raise SystemExit(f"{args.init} holds a different model (config {found}), not {SHIPPED.to_dict()}")
+        model.load_state_dict(init["state_dict"])
+        prior_epochs = init["metrics"]["epochs"]
+        console.print(f"starting from {args.init} ({prior_epochs} epochs, test top-1 {init['metrics']['test_top1']:.2f}%)")
     train_all = load_dataset(args.data, "train", SHIPPED.img_size, SHIPPED.in_chans)
     train, val = train_val_split(train_all, 5000, seed=args.seed)
     if args.train_subset:
         train = train.subset(torch.arange(args.train_subset))
-    model = ViT(SHIPPED)
-    prior_epochs = 0
-    if args.init:
-        init = torch.load(args.init, map_location="cpu", weights_only=True)
-        if init.get("config") != SHIPPED.to_dict():
-            raise SystemExit(f"{args.init} holds a different model (config {init.get('config')}), not {SHIPPED.to_dict()}")
-        model.load_state_dict(init["state_dict"])
-        prior_epochs = init["metrics"]["epochs"]
-        console.print(f"starting from {args.init} ({prior_epochs} epochs, test top-1 {init['metrics']['test_top1']:.2f}%)")
     amp = args.amp == "bf16" or (args.amp == "auto" and bf16_is_fast())
     train_step = torch.compile(model)  # measured: 0.65 s vs 0.77 s per bf16 step of 128 images on 2 cores
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -82,7 +88,7 @@ def main() -> None:
     partial = args.out.with_suffix(".partial")
     start_epoch, history = 0, []
     if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
+        state = load_tensors(partial)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])

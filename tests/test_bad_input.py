@@ -416,3 +416,16 @@ def test_a_class_count_unlike_the_heads_is_one_line(model):
     data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 3, (16,)), ("a", "b", "c"))
     with pytest.raises(DataError, match="the data has 3 classes but the model's head gives 10 logits"):
         calibrate(model, data, data, 0.6, batch_size=8)
+
+
+def test_the_training_recipe_runs_no_code_from_its_init_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "train_dense.py"
+    path, marker = _malicious_file(tmp_path)
+    result = subprocess.run([sys.executable, str(recipe), "--init", str(path), "--out", str(tmp_path / "m.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "refuses to unpickle" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
