@@ -352,8 +352,9 @@ def test_a_corrupt_image_is_named(tmp_path):
 
 
 def _calibrate_into(tmp_path, out):
-    root = _image_folder(tmp_path / "data", count=20)
-    return CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--data", str(root), "--out", str(out),
+    root = _image_folder(tmp_path / "data", count=20)  # two classes: a model with a two-class head
+    model_file = _write(tmp_path, MODEL_FILE.replace("heads=2)", "heads=2, num_classes=2)"))
+    return CliRunner().invoke(main, ["calibrate", model_file, "--data", str(root), "--out", str(out),
                                      "--val-size", "4", "--batch-size", "8", "--max-steps", "1", "--no-compile"])
 
 
