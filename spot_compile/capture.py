@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import logging
 import re
 
@@ -20,14 +21,15 @@ _USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
 
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where the module's weights live (CPU for a module without any): inputs are made there."""
-    for t in (*module.parameters(), *module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         return t.device
     return torch.device("cpu")
 
 
 def dtype_of(module: torch.nn.Module) -> torch.dtype:
     """The floating dtype of the module's weights (float32 for a module without any): inputs are made in it."""
-    for t in (*module.parameters(), *module.buffers()):
+    # Lazily: SparseViT.forward asks on every call, and the first parameter answers.
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.is_floating_point():
             return t.dtype
     return torch.float32
