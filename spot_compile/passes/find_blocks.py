@@ -117,18 +117,9 @@ def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
     up = flow.ancestors(core)
     down = flow.descendants(core)
     after = sorted(down, key=flow.order.get)
-    attn_res = stream = None
-    for node in after:
-        if node.op == "call_function" and node.target in ADD_OPS and len(node.args) >= 2:
-            a, b = node.args[0], node.args[1]
-            for x, branch in ((a, b), (b, a)):
-                if isinstance(x, Node) and isinstance(branch, Node) and x in up and branch in down and len(shape(x)) == 3:
-                    attn_res, stream = node, x
-                    break
-        if attn_res is not None:
-            break
+    attn_res, stream = next(((add, x) for add, x in _residual_adds(after, up, down) if len(shape(x)) == 3), (None, None))
     if attn_res is None:
-        grid = _grid_residual(after, up, down)
+        grid = next((x for _, x in _residual_adds(after, up, down) if len(shape(x)) >= 4), None)  # (batch, H, W, dim), Swin
         if grid is not None:
             raise StructureError(
                 f"attention `{core.name}` sits in a residual stream of shape {_dims(shape(grid))}, a grid of tokens, not "
@@ -157,15 +148,16 @@ def _block_around(core: Node, flow: DataFlow, index: int) -> Block:
                  tokens=int(s[1]), dim=int(s[2]), heads=heads)
 
 
-def _grid_residual(after: list[Node], up: set, down: set) -> Node | None:
-    """The stream of a residual add around the attention whose stream is not (batch, tokens, dim) but a grid
-    (batch, H, W, dim), as in Swin; None when there is no such add."""
+def _residual_adds(after: list[Node], up: set, down: set):
+    """(add, stream) for each add, in graph order, that joins a value upstream of the attention (`stream`) with one
+    downstream of it: the candidates for the attention's residual connection, whatever the stream's rank."""
     for node in after:
         if node.op == "call_function" and node.target in ADD_OPS and len(node.args) >= 2:
-            for x, branch in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-                if isinstance(x, Node) and isinstance(branch, Node) and x in up and branch in down and len(shape(x)) >= 4:
-                    return x
-    return None
+            a, b = node.args[0], node.args[1]
+            for x, branch in ((a, b), (b, a)):
+                if isinstance(x, Node) and isinstance(branch, Node) and x in up and branch in down:
+                    yield node, x
+                    break
 
 
 def _dims(s) -> str:
