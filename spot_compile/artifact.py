@@ -46,7 +46,8 @@ def load(path: str | Path, model: nn.Module):
     """Rebuilds the SparseViT saved at `path` on `model`; refuses a model or input size it was not made for."""
     data = read_checkpoint(path, FORMAT)
     different = f"{path} was made for a different model"
-    if data.get("parameters", parameter_fingerprint(model)) != parameter_fingerprint(model):
+    ours = parameter_fingerprint(model)
+    if data.get("parameters", ours) != ours:  # files written before the field existed are checked after the rebuild
         raise CheckpointError(f"{different} (its parameter names or shapes differ); sparsify this model afresh")
     try:
         config_dict = json.loads(data["config"])

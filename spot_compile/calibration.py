@@ -114,8 +114,10 @@ def calibrate(
     partial = out.with_suffix(".partial") if out else None
     history, start_epoch, step = [], 0, 0
     # What a partial checkpoint must have been made for to be resumed here: the same model, budget, stages and setup.
-    identity = {"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages), "keep": list(keep),
-                "predictor": asdict(predictor), "finetune": finetune, "batch_size": batch_size}
+    # In its JSON form (tuples as lists), as it is read back from a partial.
+    identity = json.loads(json.dumps({"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages),
+                                      "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
+                                      "batch_size": batch_size}))
     resume = None
     if partial and partial.exists():
         state = _read_partial(partial, identity)
@@ -183,14 +185,16 @@ def calibrate(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tok", tok), ("ratio", ratio)):
-                    sums[key] += float(v.detach())
+                parts = {key: float(v.detach()) for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tok", tok), ("ratio", ratio))}
+                for key, v in parts.items():
+                    sums[key] += v
                 n += 1
                 step += 1
                 progress.update(task, advance=1, description=f"epoch {epoch + 1} loss {sums['loss'] / n:.3f}",
                                 rate=f"{log.images_per_s():.1f} img/s")
-                log.step(step, epoch + 1, {"loss": float(loss), "ce": float(ce), "kl": float(kl), "tok": float(tok),
-                                           "ratio_loss": float(ratio), "lr": [g["lr"] for g in opt.param_groups],
+                # the keep-ratio loss is "ratio_loss" in the log, apart from the keep ratios themselves
+                log.step(step, epoch + 1, {**{k: v for k, v in parts.items() if k != "ratio"}, "ratio_loss": parts["ratio"],
+                                           "lr": [g["lr"] for g in opt.param_groups],
                                            "keep_ratio": {str(s): float(keepers[s].soft_ratio.mean()) for s in stages}})
                 if partial and save_every and step % save_every == 0 and step < total:
                     save_partial(epoch, i + 1, epoch_gen, sums, n)
@@ -249,7 +253,7 @@ def _read_partial(path: Path, identity: dict) -> dict:
     if not isinstance(state, dict) or state.get("format") != PARTIAL_FORMAT:
         raise CheckpointError(f"{path} is not a partial calibration this version wrote; delete it, or choose another --out")
     theirs = json.loads(state.get("identity", "{}"))
-    differ = [k for k in identity if theirs.get(k) != json.loads(json.dumps(identity[k]))]
+    differ = [k for k in identity if theirs.get(k) != identity[k]]
     if differ:
         raise CheckpointError(f"{path} is a partial calibration of another run ({', '.join(differ)} differ); delete it to "
                               "start afresh, or choose another --out")

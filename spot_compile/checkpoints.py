@@ -23,7 +23,7 @@ def fingerprint(model: nn.Module, structure: ModelStructure) -> str:
     desc = {
         "blocks": [(b.kind, b.tokens, b.dim, b.heads) for b in structure.blocks],
         "special": structure.num_special,
-        "params": sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+        "params": _parameter_shapes(model),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -31,8 +31,11 @@ def fingerprint(model: nn.Module, structure: ModelStructure) -> str:
 def parameter_fingerprint(model: nn.Module) -> str:
     """Hash of every parameter's and buffer's name and shape: checkable before the model is captured, so a file made
     for another model is named as such instead of failing later on a stage index or an input size."""
-    params = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
-    return hashlib.sha256(json.dumps(params).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_parameter_shapes(model)).encode()).hexdigest()[:16]
+
+
+def _parameter_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def load_tensors(path: str | Path) -> object:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .errors import OutputPathError, first_line
 
 
@@ -41,8 +43,6 @@ def check_writable_dir(path: str | Path, what: str = "--out-dir") -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputPathError(f"{what} {path} cannot be created ({e.strerror or type(e).__name__}); choose another directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{what} {path} is not writable; choose another directory")
     probe = path / f".spot_compile_probe_{os.getpid()}"
     try:
         probe.touch()
@@ -55,8 +55,6 @@ def check_writable_dir(path: str | Path, what: str = "--out-dir") -> Path:
 def save_atomically(obj: object, path: str | Path, what: str = "--out") -> None:
     """`torch.save` to a temporary file beside `path`, then a rename: a run killed while writing leaves the old file
     (or none), never a truncated one."""
-    import torch
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
