@@ -40,8 +40,8 @@ import spot_compile as sc
 from spot_compile import ops
 from spot_compile.bench import MODES, compiled_fn, cpu_name
 from spot_compile.capture import capture, example_input
-from spot_compile.config import default_stages
 from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.policies import default_stages
 from spot_compile.predictors import PredictorConfig, make_predictors
 from spot_compile.timing import round_robin_ms
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model

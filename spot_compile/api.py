@@ -10,13 +10,12 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .capture import capture, clone_graph_module, device_of, dtype_of, example_input
-from .config import SparsifyConfig, default_stages
+from .config import SparsifyConfig
 from .errors import BudgetError, InputSizeError, StructureError, first_line
 from .flops import count_flops
 from .passes.find_blocks import ModelStructure, find_blocks
 from .plan import SparsityPlan, Stage, build_sparse, schedule_cost, solve_keep
-from .predictors import load_predictor_checkpoint, with_tuned_backbone
-from .scorers import ClassAttentionScorer, RandomScorer
+from .policies import GivenScorers, TokenPolicy, policy_class
 from .timing import median_pair
 
 logger = logging.getLogger("spot_compile")
@@ -148,17 +147,15 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
     calibration recipe uses it to evaluate predictors while it trains them.
     """
     config = config or SparsifyConfig()
-    if scorers is None and config.policy == "spot" and config.predictors is not None:
-        model = with_tuned_backbone(model, config.predictors)
+    if scorers is None:
+        model = policy_class(config.policy).prepare_model(config, model)
     example = example_input(model, config.input_size)
     captured = capture(model, example)
     structure = find_blocks(captured)
     depth = len(structure.blocks)
-    if scorers is not None:
-        make_scorer, calibrated_stages = scorers.__getitem__, tuple(sorted(scorers))
-    else:
-        make_scorer, calibrated_stages = scorer_factory(config, model, structure)
-    stages = config.stages or calibrated_stages or default_stages(depth)
+    policy: TokenPolicy = (GivenScorers(config, model, structure, scorers) if scorers is not None
+                           else policy_class(config.policy)(config, model, structure))
+    stages = config.stages or policy.fixed_stages or policy.default_stages(depth)
     for s in stages:
         if not 1 <= s < depth:
             raise BudgetError(f"stage {s} is out of range: the model has {depth} blocks, so stages must be in 1..{depth - 1}")
@@ -175,7 +172,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
         """The sparse graph for keep counts `k`, its structure and its FLOPs; built once per schedule, since a build
         costs seconds (shape propagation) and the budget search already builds the schedule it settles on."""
         if tuple(k) not in built:
-            gm, sparse_structure = build_sparse(captured, stages, k, make_scorer, config.fuse_pruned)
+            gm, sparse_structure = build_sparse(captured, stages, k, policy.reduce)
             check_outputs_survive(captured, gm)  # on the first build already, before the budget search goes on
             built[tuple(k)] = (gm, sparse_structure, count_flops(gm, one))
         return built[tuple(k)]
@@ -185,33 +182,18 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
             raise BudgetError(f"keep has {len(config.keep)} counts but there are {len(stages)} stages {stages}; give one per stage")
         keep = config.keep
     else:
-        estimate = schedule_cost(stages, depth, structure.blocks[0].dim, structure.num_special, config.fuse_pruned)
-        keep = solve_keep(lambda k: build(k)[2], dense_flops, patch_tokens, len(stages), config.budget,
-                          config.fuse_pruned, config.tolerance, estimate)
+        extra = policy.tokens_out(0) - structure.num_special  # a fused token
+        estimate = schedule_cost(stages, depth, structure.blocks[0].dim, structure.num_special, bool(extra))
+        keep = solve_keep(lambda k: build(k)[2], dense_flops, lambda rho: policy.schedule(patch_tokens, len(stages), rho),
+                          config.budget, config.tolerance, estimate)
     gm, sparse_structure, sparse_flops = build(keep)
     plan_stages, tokens = [], structure.tokens
     for s, k in zip(stages, keep):
-        out = structure.num_special + k + int(config.fuse_pruned)
+        out = policy.tokens_out(k)
         plan_stages.append(Stage(s, tokens, out, k))
         tokens = out
     plan = SparsityPlan(config.policy, config.budget, plan_stages, dense_flops, sparse_flops, tuple(example.shape))
     return SparseViT(gm, plan, sparse_structure, config)
-
-
-def scorer_factory(
-    config: SparsifyConfig, model: nn.Module, structure: ModelStructure
-) -> tuple[Callable[[int], nn.Module], tuple[int, ...] | None]:
-    """The scorer for each stage, and the stages a calibrated checkpoint fixes (None for training-free policies)."""
-    if config.policy == "class-attention":
-        return (lambda stage: ClassAttentionScorer(structure.has_class_token)), None
-    if config.policy == "random":
-        return (lambda stage: RandomScorer()), None
-    ckpt = load_predictor_checkpoint(config.predictors, model, structure)
-    for p in ckpt.predictors.values():
-        p.to(device=device_of(model), dtype=dtype_of(model))
-    if config.stages is not None and tuple(config.stages) != ckpt.stages:
-        raise BudgetError(f"the predictors were calibrated for stages {ckpt.stages}, not {tuple(config.stages)}; drop --stages or calibrate again")
-    return (lambda stage: ckpt.predictors[stage]), ckpt.stages
 
 
 def check_outputs_survive(dense: GraphModule, sparse: GraphModule) -> None:

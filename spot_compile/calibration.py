@@ -30,12 +30,13 @@ from torch import nn
 from .api import SparseViT, sparsify
 from .capture import capture, clone_graph_module, example_input
 from .checkpoints import fingerprint, load_tensors
-from .config import SparsifyConfig, default_stages
+from .config import SparsifyConfig
 from .data import ImageSet
 from .errors import CheckpointError, DataError, UsageError, first_line
 from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
+from .policies import default_stages
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
 from .runlog import RunLog
 from .training import accuracy, augment, batches, cosine_lr, logits_of

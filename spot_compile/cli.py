@@ -12,7 +12,9 @@ import click
 import torch
 from rich.console import Console
 
+from .config import DEFAULT_POLICY
 from .errors import SpotError
+from .policies import policy_help, policy_names
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,6 +24,11 @@ _FILE_HELP = (
     "a module-level `model`, or exactly one nn.Module instance or nn.Module subclass, or name one with --model / "
     "--factory."
 )
+
+
+policy_option = click.option(
+    "--policy", type=click.Choice(policy_names()), default=None,
+    help=f"How tokens are reduced (default: spot with --predictors, else {DEFAULT_POLICY}). {policy_help()}.")
 
 
 class SpotGroup(click.Group):
@@ -82,8 +89,7 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @model_options
 @click.option("--budget", type=float, default=0.6, show_default=True, help="Sparse FLOPs as a fraction of dense, in (0, 1].")
 @click.option("--stages", default=None, help="Block indices to prune in front of, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
-@click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
-              help="Token scorer (default: spot with --predictors, else class-attention).")
+@policy_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors (spot-compile calibrate).")
 @click.option("--fuse", is_flag=True, help="Fuse dropped tokens into one extra token (EViT-style).")
 @click.option("--dump", is_flag=True, help="Print the rewritten graph, inserted nodes marked with +.")
@@ -99,7 +105,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     from .outputs import check_writable_file
     from .report import dump_graph, plan_table
 
-    policy = policy or ("spot" if predictors else "class-attention")
+    policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
                             predictors=str(predictors) if predictors else None)
     for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export")):
@@ -191,8 +197,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
                    "(AOTInductor shared library, the fastest at small batches, 20-45 s to build per graph); cudagraphs "
                    "(torch.compile mode reduce-overhead, GPU). Default: eager,compiled,frozen on CPU, eager,compiled,cudagraphs on CUDA.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time the model.")
-@click.option("--policy", type=click.Choice(["class-attention", "random", "spot"]), default=None,
-              help="Token scorer (default: spot with --predictors, else class-attention).")
+@policy_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
@@ -220,7 +225,7 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
         raise click.BadParameter(f"modes are {', '.join(MODES)}; got {modes}", param_hint="--modes")
     for b in budget_list:
         SparsifyConfig(budget=b)
-    policy = policy or ("spot" if predictors else "class-attention")
+    policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = {"policy": policy, "predictors": str(predictors) if predictors else None}
     model = _load(model_file, model_name, factory).to(device)
     rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 from .errors import BudgetError, InputSizeError
+from .policies import policy_class, policy_names
 
-Policy = Literal["class-attention", "random", "spot"]
-POLICIES = ("class-attention", "random", "spot")
+# The best training-free policy measured on the shipped model (docs/results/policies.md: merging stays within 0.3
+# points of dense down to FLOPs 0.5, class attention loses 8.6 points at 0.6).
+DEFAULT_POLICY = "merge"
 
 
 @dataclass
@@ -17,19 +18,21 @@ class SparsifyConfig:
 
     budget: target cost as a fraction of the dense model's FLOPs at the same input, in (0, 1]. 1.0 leaves the
         model dense (bit-for-bit the captured graph).
-    stages: block indices (0-based) in front of which tokens are pruned. Default: the blocks at 1/4, 1/2 and 3/4
-        of the depth (3, 6, 9 of 12, as in DynamicViT/SPOT).
-    policy: how tokens are scored: "class-attention" (training-free, EViT-like), "random" (a baseline) or "spot"
-        (learned SPOT predictors; pass `predictors`).
+    stages: block indices (0-based) in front of which tokens are reduced. Default: the policy's (every block after
+        the first for "merge", as ToMe; the blocks at 1/4, 1/2 and 3/4 of the depth for the others, as DynamicViT/SPOT).
+    policy: how tokens are reduced, a name in the policy registry (`spot_compile.policies`): "merge" (the default:
+        ToMe-style merging, training-free), "class-attention" (training-free, EViT-like), "random" (a baseline) or
+        "spot" (learned SPOT predictors; pass `predictors`).
     keep: explicit kept patch-token counts per stage; overrides `budget` when given.
-    fuse_pruned: average the dropped tokens into one extra token (EViT-style) instead of discarding them.
+    fuse_pruned: average the dropped tokens into one extra token (EViT-style) instead of discarding them (policies
+        that drop tokens).
     input_size: image side (or (H, W)) of the example input; default read from the model where it declares one.
     predictors: path to a calibrated predictor checkpoint (policy "spot").
     """
 
     budget: float = 0.6
     stages: tuple[int, ...] | None = None
-    policy: Policy = "class-attention"
+    policy: str = DEFAULT_POLICY
     keep: tuple[int, ...] | None = None
     fuse_pruned: bool = False
     input_size: int | tuple[int, int] | None = None
@@ -43,8 +46,10 @@ class SparsifyConfig:
             raise BudgetError(f"budget must be a number in (0, 1], got {self.budget!r}") from None
         if not 0.0 < self.budget <= 1.0:
             raise BudgetError(f"budget must be in (0, 1] (a fraction of the dense FLOPs), got {self.budget}; e.g. --budget 0.6")
-        if self.policy not in POLICIES:
-            raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(self.policy, str) or self.policy not in policy_names():
+            raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
+        if self.fuse_pruned and not policy_class(self.policy).fusable:
+            raise BudgetError(f"fuse_pruned (--fuse) applies to policies that drop tokens, not to {self.policy!r}")
         if self.stages is not None:
             self.stages = tuple(sorted(set(_whole_numbers(self.stages, "stages", "block indices, e.g. (3, 6, 9)"))))
             if not self.stages:
@@ -79,7 +84,3 @@ def _whole_numbers(values, name: str, what: str) -> tuple[int, ...]:
         out.append(int(v))
     return tuple(out)
 
-
-def default_stages(depth: int) -> tuple[int, ...]:
-    """Blocks at 1/4, 1/2, 3/4 of the depth (3/6/9 of 12); at least block 1, never the first block."""
-    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)})) if depth > 1 else ()

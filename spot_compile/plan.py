@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
 from torch.fx import GraphModule
 
 from .capture import clone_graph_module
 from .errors import BudgetError
 from .passes.find_blocks import ModelStructure, find_blocks
-from .passes.insert_pruning import insert_pruning
 
 
 @dataclass
@@ -40,14 +38,14 @@ class SparsityPlan:
 
 
 def build_sparse(
-    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], make_scorer: Callable[[int], torch.nn.Module],
-    fuse: bool = False,
+    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], reduce: Callable[[GraphModule, ModelStructure, int, int], object],
 ) -> tuple[GraphModule, ModelStructure]:
-    """Clones `captured` and prunes to `keep[i]` patch tokens in front of block `stages[i]`."""
+    """Clones `captured` and reduces to `keep[i]` patch tokens in front of block `stages[i]` with
+    `reduce(gm, structure, block, keep)` (a token policy's pass, `TokenPolicy.reduce`)."""
     gm = clone_graph_module(captured)
     structure = find_blocks(gm)
     for stage, k in zip(stages, keep):
-        insert_pruning(gm, structure, stage, k, make_scorer(stage), fuse=fuse)
+        reduce(gm, structure, stage, k)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("call_module", "placeholder", "output") or n.is_impure())
     gm.graph.lint()
     gm.recompile()
@@ -65,11 +63,12 @@ def keep_schedule(patch_tokens: int, num_stages: int, rho: float, fuse: bool) ->
 
 
 def solve_keep(
-    flops_of: Callable[[tuple[int, ...]], int], dense_flops: int, patch_tokens: int, num_stages: int,
-    budget: float, fuse: bool, tolerance: float, estimate: Callable[[tuple[int, ...]], float],
+    flops_of: Callable[[tuple[int, ...]], int], dense_flops: int, schedule: Callable[[float], tuple[int, ...]],
+    budget: float, tolerance: float, estimate: Callable[[tuple[int, ...]], float],
 ) -> tuple[int, ...]:
-    """A schedule (`keep_schedule`) that costs at most `budget` of the dense FLOPs: the first counted one in
-    [budget - tolerance/4, budget], or, where no schedule lies in that band (few tokens), the costliest under budget.
+    """A schedule (`schedule(rho)`: keep counts monotone in rho, every token at 1) that costs at most `budget` of
+    the dense FLOPs: the first counted one in [budget - tolerance/4, budget], or, where no schedule lies in that
+    band (few tokens), the costliest under budget.
 
     Every candidate is built and counted with the real counter, the slow part of `sparsify` (shape propagation,
     seconds a build), so the search counts few: it interpolates the counted ratios linearly in `estimate(keep)`, a
@@ -78,9 +77,6 @@ def solve_keep(
     only counted schedules are returned.
     """
     cache: dict[tuple[int, ...], float] = {}
-
-    def schedule(rho: float) -> tuple[int, ...]:
-        return keep_schedule(patch_tokens, num_stages, rho, fuse)
 
     def ratio(keep: tuple[int, ...]) -> float:
         if keep not in cache:
@@ -91,8 +87,9 @@ def solve_keep(
     lo_r = ratio(lo_keep)
     if lo_r > budget:
         raise BudgetError(
-            f"budget {budget} is unreachable with these stages: keeping one token per stage still costs "
-            f"{lo_r:.3f} of dense; raise the budget or prune earlier (--stages)"
+            f"budget {budget} is unreachable with these stages: the fewest tokens this policy keeps there "
+            f"({', '.join(map(str, lo_keep))}) still cost "
+            f"{lo_r:.3f} of dense; raise the budget or reduce earlier or at more blocks (--stages)"
         )
     hi, hi_keep, hi_r = 1.0, schedule(1.0), 1.0
     goal = budget - tolerance / 16

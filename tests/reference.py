@@ -45,3 +45,67 @@ def eager_pruned(model, x, stages, keep, position_scores=None):
     if cfg.pool == "cls":
         return model.head(x[:, 0])
     return model.head(x[:, cfg.num_registers:].mean(dim=1))
+
+
+def _attend(attn, h, log_size):
+    """The block's attention on `h`, with log token sizes added to the logits (proportional attention); also its keys."""
+    b, n, c = h.shape
+    if attn.fused:
+        q, k, v = attn.qkv(h).reshape(b, n, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (lin(h).reshape(b, n, attn.heads, attn.head_dim).transpose(1, 2) for lin in (attn.q, attn.k, attn.v))
+    logits = q @ k.transpose(-2, -1) * attn.head_dim**-0.5
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :]
+    out = logits.softmax(dim=-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c)), k
+
+
+def _merge_one(x, size, metric, ns, keep):
+    """ToMe's bipartite matching for one image, with Python loops: x (N, D), size (N,), metric (N, C)."""
+    patches = list(range(ns, x.shape[0]))
+    set_a, set_b = patches[0::2], patches[1::2]
+    m = F.normalize(metric, dim=-1)
+    partner, score = {}, {}
+    for a in set_a:
+        sims = torch.stack([m[a] @ m[t] for t in set_b])
+        partner[a], score[a] = set_b[int(sims.argmax())], float(sims.max())
+    merged = sorted(set_a, key=lambda a: -score[a])[: len(patches) - keep]
+    total = {t: x[t] * size[t] for t in patches}
+    count = {t: size[t].clone() for t in patches}
+    for a in merged:
+        total[partner[a]] = total[partner[a]] + total[a]
+        count[partner[a]] = count[partner[a]] + count[a]
+    order = [a for a in set_a if a not in merged] + set_b
+    new_x = torch.cat([x[:ns], torch.stack([total[t] / count[t] for t in order])])
+    new_size = torch.cat([size[:ns], torch.stack([count[t] for t in order])])
+    return new_x, new_size
+
+
+def eager_merged(model, x, stages, keep):
+    """Token merging on the built-in ViT, block by block: in front of each stage block, merge by the previous block's
+    keys (averaged over heads); every block after the first merge weights keys by their token sizes."""
+    cfg = model.cfg
+    x = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, model.registers) if t is not None]
+    x = torch.cat([*prefix, x], dim=1) if prefix else x
+    ns = len(prefix) and sum(p.shape[1] for p in prefix)
+    size, keys = None, None
+    for i, blk in enumerate(model.blocks):
+        if i in stages:
+            size = torch.ones(x.shape[:2]) if size is None else size
+            merged = [_merge_one(x[b], size[b], keys[b].mean(0), ns, keep[stages.index(i)]) for b in range(x.shape[0])]
+            x, size = torch.stack([m[0] for m in merged]), torch.stack([m[1] for m in merged])
+        log_size = None if size is None else size.log()
+        if cfg.norm == "pre":
+            a, keys = _attend(blk.attn, blk.norm1(x), log_size)
+            x = x + a
+            x = x + blk.mlp(blk.norm2(x))
+        else:
+            a, keys = _attend(blk.attn, x, log_size)
+            x = blk.norm1(x + a)
+            x = blk.norm2(x + blk.mlp(x))
+    x = model.norm(x)
+    if cfg.pool == "cls":
+        return model.head(x[:, 0])
+    return model.head(x[:, cfg.num_registers:].mean(dim=1))

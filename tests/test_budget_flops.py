@@ -81,7 +81,7 @@ def test_budget_search_counts_few_schedules_and_returns_a_counted_one(budget):
 
     dense = true_flops((patch,) * 3)
     counted.clear()
-    keep = solve_keep(true_flops, dense, patch, 3, budget, False, 0.02, schedule_cost(stages, depth, dim, 1, False))
+    keep = solve_keep(true_flops, dense, lambda rho: keep_schedule(patch, 3, rho, False), budget, 0.02, schedule_cost(stages, depth, dim, 1, False))
     ratio = true_flops(keep) / dense
     assert budget - 0.005 <= ratio <= budget
     assert keep in counted[:-1] and len(counted) - 1 <= 5  # the last call is this test's own
@@ -103,7 +103,7 @@ def test_budget_search_on_coarse_schedules_finds_the_best_one_under_budget(patch
     dense = flops((patch,) * n)
     every = {keep_schedule(patch, n, r / 2000, False) for r in range(2001)}
     best = max(flops(k) / dense for k in every if flops(k) / dense <= budget)
-    keep = solve_keep(flops, dense, patch, n, budget, False, 0.02, schedule_cost(stages, depth, dim, 1, False))
+    keep = solve_keep(flops, dense, lambda rho: keep_schedule(patch, n, rho, False), budget, 0.02, schedule_cost(stages, depth, dim, 1, False))
     assert best >= flops(keep) / dense >= min(best, budget - 0.005)
 
 

@@ -5,17 +5,21 @@ from spot_compile import ops
 from spot_compile.capture import capture, example_input
 from spot_compile.errors import StructureError
 from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.passes.insert_pruning import SPOT_TAG
+from spot_compile.passes.insert_pruning import SPOT_TAG, insert_pruning
 from spot_compile.plan import build_sparse
 from spot_compile.scorers import ClassAttentionScorer
 
 from .reference import eager_pruned
 
 
+def _class_attention_pruning(structure):
+    return lambda gm, st, block, keep: insert_pruning(gm, st, block, keep, ClassAttentionScorer(structure.has_class_token))
+
+
 def _build(model, stages, keep):
     captured = capture(model, example_input(model, None))
     structure = find_blocks(captured)
-    return build_sparse(captured, stages, keep, lambda s: ClassAttentionScorer(structure.has_class_token))
+    return build_sparse(captured, stages, keep, _class_attention_pruning(structure))
 
 
 def test_keeping_every_token_reproduces_the_model(variant, images):
@@ -97,9 +101,9 @@ def test_a_propagation_that_pins_the_batch_is_refused():
     model = small_vit()
     captured = capture(model, example_input(model, None))
     structure = find_blocks(captured)
-    fine, _ = build_sparse(captured, (2,), (20,), lambda s: ClassAttentionScorer(structure.has_class_token))
+    fine, _ = build_sparse(captured, (2,), (20,), _class_attention_pruning(structure))
     assert fine(torch.randn(3, 1, 16, 16)).shape == (3, 10)  # the normal build keeps the batch dynamic
     batch = next(n for n in captured.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
     assert int(batch) == 2  # int() on a symbolic size guards it to its hint, as the C++ matmul did
     with pytest.raises(StructureError, match="pinned the dynamic batch size to 2"):
-        build_sparse(captured, (2,), (20,), lambda s: ClassAttentionScorer(structure.has_class_token))
+        build_sparse(captured, (2,), (20,), _class_attention_pruning(structure))

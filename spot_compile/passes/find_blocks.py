@@ -203,6 +203,18 @@ def _attention_operands(block: Block) -> list[Node]:
     return operands
 
 
+def query_key(block: Block) -> tuple[Node, Node, bool] | None:
+    """The nodes the block's attention logits are made from: (q, k, k_is_transposed). For an SDPA its q and k; for an
+    explicit softmax the operands of the score matmul (`q @ k.transpose(-2, -1)`: the key is then (..., d, N));
+    None where the scores come from an einsum."""
+    if block.kind == "sdpa":
+        return block.attention.args[0], block.attention.args[1], False
+    matmul = _nearest(block.attention, MATMUL_OPS, upstream=True)
+    if matmul is None or matmul.target not in (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default):
+        return None
+    return matmul.args[0], matmul.args[1], True
+
+
 def _nearest(node: Node, targets: set, upstream: bool, hops: int = 4) -> Node | None:
     """The first node with a target in `targets` within `hops` steps, walking only through element-wise ops."""
     frontier = [node]

@@ -47,7 +47,7 @@ def insert_pruning(
     gm.add_submodule(name, scorer)
     earlier_prunes = [n for n in gm.graph.nodes if n.target is ops.prune_tokens and "spot_block" in n.meta]
     tapped = blocks[max(0, before_block - scorer.history):before_block]
-    emitter = _Emitter(gm, stream.next, f"stage@{before_block}")
+    emitter = Emitter(gm, stream.next, f"stage@{before_block}")
     batch = emitter(torch.ops.aten.sym_size.int, stream, 0)
     taps = []
     for b in tapped:
@@ -72,7 +72,7 @@ def insert_pruning(
 POSITIONS_TAG = "spot_positions"  # node.meta key: token grid positions, valued by how many prunes they have followed
 
 
-def _positions(gm: GraphModule, emit: _Emitter, structure: ModelStructure, earlier_prunes: list[Node]) -> Node:
+def _positions(gm: GraphModule, emit: Emitter, structure: ModelStructure, earlier_prunes: list[Node]) -> Node:
     """Where the tokens entering this stage sit in the patch grid: `ops.token_positions` of the first block's input,
     emitted once per graph; a later stage continues the carry an earlier one left through the prunes made since. The
     carry is found by its tag in the graph, not kept on `ModelStructure`: positions are no part of the model."""
@@ -88,7 +88,7 @@ def _positions(gm: GraphModule, emit: _Emitter, structure: ModelStructure, earli
     return pos
 
 
-class _Emitter:
+class Emitter:
     """Inserts nodes in order before `anchor`, tags them for --dump and gives them shape metadata."""
 
     def __init__(self, gm: GraphModule, anchor: Node, tag: str) -> None:
@@ -106,7 +106,7 @@ class _Emitter:
         return node
 
 
-def materialize_attention(gm: GraphModule, block: Block, emit: _Emitter) -> Node:
+def materialize_attention(gm: GraphModule, block: Block, emit: Emitter) -> Node:
     """Replaces a plain fused SDPA by softmax(q kᵀ·scale) @ v and returns the probabilities node (cached)."""
     if block.kind == "explicit":
         return block.attention
@@ -128,7 +128,7 @@ def materialize_attention(gm: GraphModule, block: Block, emit: _Emitter) -> Node
     return probs
 
 
-def _tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
+def _tap(gm: GraphModule, emit: Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
     """The tap of `kind` on `block`; emitted once, and reused when a later stage reads the same block (SPOT's
     consecutive stages both read the block between them)."""
     if kind not in block.taps:
@@ -136,7 +136,7 @@ def _tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, 
     return block.taps[kind]
 
 
-def _emit_tap(gm: GraphModule, emit: _Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
+def _emit_tap(gm: GraphModule, emit: Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
     cls = structure.class_token
     if kind == "class":
         if block.kind == "sdpa":

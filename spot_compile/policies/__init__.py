@@ -1,0 +1,27 @@
+"""Token policies: one module per way of reducing tokens, each behind `TokenPolicy` and in the registry.
+
+To add one: subclass `TokenPolicy` (or `DropPolicy` for a new scorer) in a module of its own and decorate it with
+`@register`. Built-in policies are imported here; another package's are loaded from the entry-point group
+`spot_compile.policies` (`[project.entry-points."spot_compile.policies"] name = "package.module"`), so they reach the
+CLI too. Nothing else needs to change.
+"""
+
+import logging
+from importlib.metadata import entry_points
+
+from . import class_attention, merge, random_tokens, spot  # noqa: F401 (each registers its policy)
+from .base import DropPolicy, GivenScorers, TokenPolicy, default_stages
+from .registry import policy_class, policy_help, policy_names, register
+
+__all__ = ["DropPolicy", "GivenScorers", "TokenPolicy", "default_stages", "policy_class", "policy_help", "policy_names", "register"]
+
+
+def _load_plugins() -> None:
+    for entry in entry_points(group="spot_compile.policies"):
+        try:
+            entry.load()
+        except Exception as e:  # a broken plug-in must not take the built-in policies down with it
+            logging.getLogger("spot_compile").warning("token policy plug-in %r failed to load: %s", entry.value, e)
+
+
+_load_plugins()

@@ -1,0 +1,107 @@
+"""The token-policy interface: what every way of reducing tokens (dropping, fusing, merging) declares and does.
+
+A policy is one module that subclasses `TokenPolicy` and registers itself (`policies.register`). `sparsify`, the
+config's validation, the CLI's choices and `--help`, and the saved artifact all read the registry, so adding a
+policy touches no other file. A policy is made once per `sparsify` call, for one captured model, and then asked
+to reduce tokens in front of each stage block of a fresh graph (`reduce`), once per candidate schedule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ..passes.find_blocks import ModelStructure
+from ..passes.insert_pruning import insert_pruning
+from ..plan import keep_schedule
+
+
+def default_stages(depth: int) -> tuple[int, ...]:
+    """Blocks at 1/4, 1/2, 3/4 of the depth (3/6/9 of 12); at least block 1, never the first block."""
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)})) if depth > 1 else ()
+
+
+class TokenPolicy(ABC):
+    """One way of reducing tokens in front of chosen blocks, with static token counts.
+
+    Class attributes (read by the registry, the CLI's `--help` and docs):
+      name: the `SparsifyConfig.policy` / `--policy` value;
+      summary: one line for `--help`;
+      reduction: "drop" (tokens are discarded, or fused into one with `fuse_pruned`) or "merge" (tokens are
+        averaged into their most similar partners: nothing is discarded);
+      calibrated: whether the policy needs trained weights (`SparsifyConfig.predictors`);
+      fusable: whether `fuse_pruned` applies.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    reduction: ClassVar[Literal["drop", "merge"]]
+    calibrated: ClassVar[bool] = False
+    fusable: ClassVar[bool] = False
+
+    def __init__(self, config: Any, model: nn.Module, structure: ModelStructure) -> None:
+        """`config` is the `SparsifyConfig`; `structure` the captured dense model's blocks."""
+        self.config, self.structure = config, structure
+
+    @classmethod
+    def prepare_model(cls, config: Any, model: nn.Module) -> nn.Module:
+        """The model to capture (a policy whose weights came with a tuned backbone returns a copy carrying it)."""
+        return model
+
+    @property
+    def fixed_stages(self) -> tuple[int, ...] | None:
+        """Stages the policy's weights were trained for (None: any stages)."""
+        return None
+
+    def default_stages(self, depth: int) -> tuple[int, ...]:
+        return default_stages(depth)
+
+    def schedule(self, patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
+        """Patch tokens kept after each stage for a keep rate `rho` in [0, 1] (1: every token), never growing, and
+        monotone in `rho` (the budget search bisects on it). By default DynamicViT's geometric schedule (rho**s)."""
+        return keep_schedule(patch_tokens, num_stages, rho, bool(self.config.fuse_pruned and self.fusable))
+
+    def tokens_out(self, keep: int) -> int:
+        """Tokens leaving a stage that keeps `keep` patch tokens (special tokens included)."""
+        return self.structure.num_special + keep + int(self.config.fuse_pruned and self.fusable)
+
+    @abstractmethod
+    def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node | None:
+        """Rewrites `gm` so that `keep` patch tokens (plus the special tokens) enter block `before_block`; returns the
+        node that now carries the stream (None where nothing had to change)."""
+
+
+class DropPolicy(TokenPolicy):
+    """Scores tokens with a module per stage and keeps the top `keep` (`passes.insert_pruning`)."""
+
+    reduction = "drop"
+    fusable = True
+
+    @abstractmethod
+    def scorer(self, stage: int) -> nn.Module:
+        """The scoring module spliced in front of block `stage` (see `scorers` for its contract)."""
+
+    def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node:
+        return insert_pruning(gm, structure, before_block, keep, self.scorer(before_block), fuse=self.config.fuse_pruned)
+
+
+class GivenScorers(DropPolicy):
+    """Drop with scorers the caller supplies per stage (calibration evaluates its predictors this way)."""
+
+    name = "given-scorers"
+    summary = "scorers passed to sparsify(scorers=...)"
+
+    def __init__(self, config: Any, model: nn.Module, structure: ModelStructure, scorers: dict[int, nn.Module]) -> None:
+        super().__init__(config, model, structure)
+        self.scorers = scorers
+
+    @property
+    def fixed_stages(self) -> tuple[int, ...]:
+        return tuple(sorted(self.scorers))
+
+    def scorer(self, stage: int) -> nn.Module:
+        return self.scorers[stage]
+
