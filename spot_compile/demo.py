@@ -22,7 +22,8 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
     test = load_dataset(data or FASHION_MNIST_DIR, "test", model.cfg.img_size, model.cfg.in_chans)
     if limit:
         test = test.subset(torch.arange(min(limit, len(test))))
-    policies = ["class-attention"] + (["spot"] if SHIPPED_PREDICTORS.is_file() else [])
+    # merge: the default, training-free; class attention: the pruning peer; spot: the calibrated predictors
+    policies = ["merge", "class-attention"] + (["spot"] if SHIPPED_PREDICTORS.is_file() else [])
     table = Table(title=f"shipped ViT on Fashion-MNIST test ({len(test)} held-out images), budget {budget}")
     for col in ("model", "top-1 %", "GFLOPs/image", "FLOPs ratio", "eager latency ratio (batch 8)",
                 "compiled latency ratio (batch 64)"):
@@ -31,7 +32,7 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
         dense_acc = accuracy(model, test)
         dense_fast = sparsify(model, SparsifyConfig(budget=1.0)).compiled(batch=64)
     results = {"dense": dense_acc}
-    first = None
+    first, tokens = None, {}
     for policy in policies:
         with console.status(f"sparsifying ({policy})"):
             sparse = sparsify(model, SparsifyConfig(budget=budget, policy=policy,
@@ -47,9 +48,11 @@ def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, li
         table.add_row(f"sparse, {policy}", f"{acc:.2f}", f"{sparse.plan.sparse_flops / 1e9:.4f}",
                       f"{sparse.plan.flops_ratio:.3f}", f"{sparse_t / dense_t:.3f}", f"{sparse_ms / dense_ms:.3f}")
         results[policy] = acc
+        tokens[policy] = (f"{sparse.plan.stages[0].tokens_in} -> " + " -> ".join(str(s.tokens_out) for s in sparse.plan.stages)
+                          + f" (in front of blocks {', '.join(str(s.block) for s in sparse.plan.stages)})")
     console.print(table)
-    kept = " -> ".join(str(s.tokens_out) for s in first.stages)
-    console.print(f"tokens: {first.stages[0].tokens_in} -> {kept} (stages before blocks {[s.block for s in first.stages]})")
+    for policy, line in tokens.items():
+        console.print(f"tokens, {policy}: {line}")
     console.print("latency ratio = sparse / dense time, median of 5 interleaved runs; the compiled column uses "
                   "SparseViT.compiled(), which falls back to eager where Inductor is slower")
     return results

@@ -113,7 +113,7 @@ def test_stage_index_out_of_range():
 
 
 def test_explicit_keep_counts_override_the_budget():
-    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(keep=(30, 10), stages=(1, 2)))
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(keep=(30, 10), stages=(1, 2), policy="class-attention"))
     assert [s.tokens_out for s in sparse.plan.stages] == [31, 11]
 
 

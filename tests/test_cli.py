@@ -31,8 +31,9 @@ def test_apply_reports_plan_dump_and_saves(tmp_path):
     assert "tokens kept" in result.output and "ratio 0.5" in result.output
     lines = dump.read_text().splitlines()
     inserted = [line for line in lines if line.startswith("+")]
-    assert any("prune_tokens" in line for line in inserted) and any("spot_scorer" in line for line in inserted)
-    assert "+ prune_tokens" in result.output
+    # the default policy merges: the matching, the merge and the size bias of proportional attention are marked
+    assert any("merge_tokens" in line for line in inserted) and any("size_bias" in line for line in inserted)
+    assert "+ merge_tokens" in result.output
     # the artifact restores the same graph onto the same model
     from spot_compile.userfile import load_model_file
 
@@ -145,7 +146,7 @@ def test_apply_exports_a_program_with_the_same_outputs(tmp_path):
     program = torch.export.load(pt2)
     fresh = sc.sparsify(load_model_file(path), sc.SparsifyConfig(budget=0.6))
     nodes = [n for n in program.graph.nodes if n.op == "call_function"]
-    assert any(n.target is torch.ops.aten.topk.default for n in nodes)  # the pruning survived export
+    assert any(n.target is torch.ops.aten.scatter_add.default for n in nodes)  # the merging survived export
     with torch.no_grad():
         for batch in (1, 5):  # the batch size stays dynamic
             x = torch.randn(batch, 1, 16, 16)

@@ -147,3 +147,14 @@ def test_a_policy_is_one_class_in_the_registry(monkeypatch):
         assert alive[:, : stage.keep].all() and not alive[:, stage.keep :].any()
     with pytest.raises(ValueError, match="registered already"):
         register(type("Other", (FirstTokensPolicy,), {}))
+
+
+def test_a_merged_model_saves_and_loads(tmp_path):
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.7, policy="merge"))
+    sc.save(sparse, model, tmp_path / "merged.pt")
+    loaded = sc.load(tmp_path / "merged.pt", model)
+    assert loaded.plan.stages == sparse.plan.stages and loaded.config.policy == "merge"
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x))

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import StructureError
 from ..passes.find_blocks import Block, ModelStructure, query_key
-from ..passes.insert_pruning import Emitter
+from ..passes.insert_pruning import SPOT_TAG, Emitter
 from ..passes.propagate_tokens import TokenPropagation
 from .base import TokenPolicy
 from .registry import register
@@ -137,7 +137,9 @@ def _proportional_attention(gm: GraphModule, block: Block, sizes: Node) -> None:
             bias = graph.call_function(size_bias, (sizes, core.args[0]))
             biased = graph.call_function(torch.ops.aten.add.Tensor, (core.args[0], bias))
         core.args = (biased, *core.args[1:])
+        biased.meta[SPOT_TAG] = f"merge@{sizes.meta[SIZES_TAG]}"
     bias.meta[BIAS_TAG] = block.index
+    bias.meta[SPOT_TAG] = f"merge@{sizes.meta[SIZES_TAG]}"
     block.taps[BIAS_TAG] = bias
 
 
