@@ -172,7 +172,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
         """The sparse graph for keep counts `k`, its structure and its FLOPs; built once per schedule, since a build
         costs seconds (shape propagation) and the budget search already builds the schedule it settles on."""
         if tuple(k) not in built:
-            gm, sparse_structure = build_sparse(captured, stages, k, policy.reduce)
+            gm, sparse_structure = build_sparse(captured, stages, k, policy.stage_pass)
             check_outputs_survive(captured, gm)  # on the first build already, before the budget search goes on
             built[tuple(k)] = (gm, sparse_structure, count_flops(gm, one))
         return built[tuple(k)]

@@ -14,7 +14,8 @@ from torch.export import Dim, export
 from torch.fx import Graph, GraphModule
 
 from .errors import CaptureError, InputSizeError, first_line
-from .passes.trivial_masks import remove_trivial_masks
+from .passes.pipeline import run_passes
+from .passes.trivial_masks import RemoveTrivialMasks
 
 _USER_LINE = re.compile(r"File: (\S+:\d+) in \w+, code: (.*)")
 
@@ -92,7 +93,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
         model.train(was_training)
     # A plain GraphModule over the exported graph: the ExportedProgram's module refuses .train() and .eval(), which
     # users call on what sparsify returns (also at budget 1.0, where the captured graph is returned as it is).
-    return clone_graph_module(remove_trivial_masks(program.module(), example))
+    return clone_graph_module(run_passes(program.module(), [RemoveTrivialMasks(example)]).graph_module)
 
 
 def clone_graph_module(gm: GraphModule) -> GraphModule:

@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 from .capture import clone_graph_module
 from .errors import BudgetError
 from .passes.find_blocks import ModelStructure, find_blocks
+from .passes.pipeline import PassBase, run_passes
 
 
 @dataclass
@@ -38,17 +39,13 @@ class SparsityPlan:
 
 
 def build_sparse(
-    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], reduce: Callable[[GraphModule, ModelStructure, int, int], object],
+    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], stage_pass: Callable[[ModelStructure, int, int], PassBase],
 ) -> tuple[GraphModule, ModelStructure]:
-    """Clones `captured` and reduces to `keep[i]` patch tokens in front of block `stages[i]` with
-    `reduce(gm, structure, block, keep)` (a token policy's pass, `TokenPolicy.reduce`)."""
+    """Clones `captured` and reduces to `keep[i]` patch tokens in front of block `stages[i]`: one pass per stage,
+    `stage_pass(structure, block, keep)` (a token policy's, `TokenPolicy.stage_pass`), run by `passes.pipeline`."""
     gm = clone_graph_module(captured)
     structure = find_blocks(gm)
-    for stage, k in zip(stages, keep):
-        reduce(gm, structure, stage, k)
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("call_module", "placeholder", "output") or n.is_impure())
-    gm.graph.lint()
-    gm.recompile()
+    gm = run_passes(gm, [stage_pass(structure, stage, k) for stage, k in zip(stages, keep)]).graph_module
     return gm, structure
 
 

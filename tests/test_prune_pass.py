@@ -6,6 +6,7 @@ from spot_compile.capture import capture, example_input
 from spot_compile.errors import StructureError
 from spot_compile.passes.find_blocks import find_blocks
 from spot_compile.passes.insert_pruning import SPOT_TAG, insert_pruning
+from spot_compile.passes.pipeline import FunctionPass
 from spot_compile.plan import build_sparse
 from spot_compile.scorers import ClassAttentionScorer
 
@@ -13,7 +14,10 @@ from .reference import eager_pruned
 
 
 def _class_attention_pruning(structure):
-    return lambda gm, st, block, keep: insert_pruning(gm, st, block, keep, ClassAttentionScorer(structure.has_class_token))
+    def stage_pass(st, block, keep):
+        return FunctionPass(lambda gm: insert_pruning(gm, st, block, keep, ClassAttentionScorer(structure.has_class_token)), "prune")
+
+    return stage_pass
 
 
 def _build(model, stages, keep):
@@ -86,7 +90,7 @@ def test_kept_token_maps_follow_the_stages():
     from .conftest import small_vit
 
     model = small_vit()
-    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 17), stages=(1, 3)))
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 17), stages=(1, 3), policy="class-attention"))
     maps = kept_patches(sparse, torch.randn(2, 1, 16, 16))
     assert [m.shape for m in maps] == [(2, 64), (2, 64)]
     assert maps[0].sum(1).tolist() == [40, 40] and maps[1].sum(1).tolist() == [17, 17]

@@ -1,7 +1,7 @@
 """Pass: splice a token scorer and a static-k pruning op in front of a block.
 
 Matches: the residual stream node entering block `j` (from `find_blocks`).
-Emits, right after that node:
+Emits, right after that node (taps and positions through `passes.taps`, shared with calibration):
   * attention taps on the preceding `scorer.history` blocks (`ops.class_attention_qk`, `ops.attention_received`,
     `ops.interaction_descriptor`, ... depending on `scorer.attention`). Class attention and SPOT's descriptor read
     the block's q/k (O(N·d)), or its logits where the block already forms them. Taps that need the whole matrix
@@ -24,8 +24,9 @@ from torch.fx import GraphModule, Node
 
 from .. import ops
 from ..errors import StructureError
-from .find_blocks import Block, ModelStructure
+from .find_blocks import ModelStructure
 from .propagate_tokens import TokenPropagation, fake_execute
+from .taps import attention_tap, follow, grid_positions
 
 SPOT_TAG = "spot_compile"  # node.meta key marking inserted nodes (used by --dump)
 
@@ -49,16 +50,14 @@ def insert_pruning(
     tapped = blocks[max(0, before_block - scorer.history):before_block]
     emitter = Emitter(gm, stream.next, f"stage@{before_block}")
     batch = emitter(torch.ops.aten.sym_size.int, stream, 0)
+    selections = [p.args[1:] for p in earlier_prunes]
     taps = []
-    for b in tapped:
-        tap = _tap(gm, emitter, b, scorer.attention, batch, structure)
-        for p in earlier_prunes:  # the tap saw the tokens alive at block b: follow later selections
-            if b.index < p.meta["spot_block"]:
-                tap = emitter(ops.prune_tokens, tap, *p.args[1:])
-        taps.append(tap)
+    for b in tapped:  # a tap saw the tokens alive at block b: it follows the selections made after b
+        tap = attention_tap(gm, emitter, b, scorer.attention, batch, structure)
+        taps.append(follow(emitter, tap, [p.args[1:] for p in earlier_prunes if b.index < p.meta["spot_block"]]))
     kwargs = {}
     if getattr(scorer, "positions", False):
-        kwargs["positions"] = _positions(gm, emitter, structure, earlier_prunes)
+        kwargs["positions"] = grid_positions(gm, emitter, structure, selections)
     scores = emitter(name, stream, *taps, op="call_module", **kwargs)
     kept = emitter(ops.kept_patch_indices, scores, structure.num_special, keep)
     pruned = emitter(ops.prune_tokens, stream, scores, structure.num_special, keep, fuse, kept)
@@ -67,25 +66,6 @@ def insert_pruning(
     stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes and user.op != "output")
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
-
-
-POSITIONS_TAG = "spot_positions"  # node.meta key: token grid positions, valued by how many prunes they have followed
-
-
-def _positions(gm: GraphModule, emit: Emitter, structure: ModelStructure, earlier_prunes: list[Node]) -> Node:
-    """Where the tokens entering this stage sit in the patch grid: `ops.token_positions` of the first block's input,
-    emitted once per graph; a later stage continues the carry an earlier one left through the prunes made since. The
-    carry is found by its tag in the graph, not kept on `ModelStructure`: positions are no part of the model."""
-    carried = [n for n in gm.graph.nodes if POSITIONS_TAG in n.meta]
-    if carried:
-        pos = max(carried, key=lambda n: n.meta[POSITIONS_TAG])
-    else:
-        pos = emit(ops.token_positions, structure.blocks[0].input, structure.num_special)
-        pos.meta[POSITIONS_TAG] = 0
-    for p in earlier_prunes[pos.meta[POSITIONS_TAG]:]:
-        pos = emit(ops.prune_tokens, pos, *p.args[1:])
-    pos.meta[POSITIONS_TAG] = len(earlier_prunes)
-    return pos
 
 
 class Emitter:
@@ -104,51 +84,3 @@ class Emitter:
         else:
             node.meta["val"] = fake_execute(self.gm, node)
         return node
-
-
-def materialize_attention(gm: GraphModule, block: Block, emit: Emitter) -> Node:
-    """Replaces a plain fused SDPA by softmax(q kᵀ·scale) @ v and returns the probabilities node (cached)."""
-    if block.kind == "explicit":
-        return block.attention
-    if block.probs is not None:
-        return block.probs
-    sdpa = block.attention
-    q, k, v = sdpa.args[:3]
-    extra = [a for a in sdpa.args[3:] if a not in (None, 0.0, False)]
-    extra += [kw for kw, a in sdpa.kwargs.items() if kw != "scale" and a not in (None, 0.0, False)]
-    if extra:  # masked, causal or dropout attention: keep it fused and form the matrix beside it
-        probs = emit(ops.attention_probs, q, k, block.scale)
-    else:
-        probs = emit(ops.attention_probs, q, k, block.scale, before=sdpa)
-        out = emit(torch.ops.aten.matmul.default, probs, v, before=sdpa)
-        sdpa.replace_all_uses_with(out)
-        gm.graph.erase_node(sdpa)
-        block.attention, block.kind = probs, "explicit"
-    block.probs = probs
-    return probs
-
-
-def _tap(gm: GraphModule, emit: Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
-    """The tap of `kind` on `block`; emitted once, and reused when a later stage reads the same block (SPOT's
-    consecutive stages both read the block between them)."""
-    if kind not in block.taps:
-        block.taps[kind] = _emit_tap(gm, emit, block, kind, batch, structure)
-    return block.taps[kind]
-
-
-def _emit_tap(gm: GraphModule, emit: Emitter, block: Block, kind: str, batch: Node, structure: ModelStructure) -> Node:
-    cls = structure.class_token
-    if kind == "class":
-        if block.kind == "sdpa":
-            return emit(ops.class_attention_qk, block.query, block.key, block.scale, batch, cls)
-        return emit(ops.class_attention_probs, block.attention, batch, cls)
-    if kind == "descriptor":
-        if block.kind == "sdpa":
-            return emit(ops.interaction_descriptor, block.query, block.key, block.scale, batch, structure.num_special, cls)
-        if block.attention.target is ops.attention_probs:  # materialised by another tap: q and k are at hand
-            return emit(ops.interaction_descriptor, *block.attention.args, batch, structure.num_special, cls)
-        return emit(ops.descriptor_from_logits, block.attention.args[0], batch, structure.num_special, cls)
-    probs = materialize_attention(gm, block, emit)
-    if kind == "received":
-        return emit(ops.attention_received, probs, batch)
-    raise ValueError(f"unknown attention tap {kind!r}")

@@ -1,6 +1,7 @@
 """Pass: the calibration (training) graph, where each stage's decision is a differentiable mask for one block.
 
-Matches the same stage points as `insert_pruning`. Emits at stage j (in front of block j):
+Matches the same stage points as `insert_pruning`. Emits at stage j (in front of block j), taps and positions
+through `passes.taps` as inference does:
   * attention descriptor taps (`ops.interaction_descriptor` / `descriptor_from_logits`) on the preceding blocks,
     mask-aware where that block attended under a mask, and carried through the gathers made since;
   * for a scorer with `positions` set, the patch-grid index of each token alive at the stage (as in `insert_pruning`);
@@ -25,12 +26,15 @@ import operator
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import ops
 from ..capture import clone_graph_module
 from .find_blocks import find_blocks
 from .insert_pruning import SPOT_TAG
+from .pipeline import run_passes
 from .propagate_tokens import TokenPropagation, fake_execute
+from .taps import attention_tap, follow, grid_positions
 
 
 class SoftKeep(nn.Module):
@@ -103,16 +107,35 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
 def build_calibration_graph(
     captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3
 ) -> tuple[GraphModule, dict[int, SoftKeep]]:
-    gm = clone_graph_module(captured)
+    """A calibration graph over a clone of `captured` (`SoftPruning` through `passes.pipeline`), and its keepers."""
+    soft = SoftPruning(stages, keep, scorers, noise)
+    gm = run_passes(clone_graph_module(captured), [soft]).graph_module
+    return gm, soft.keepers
+
+
+class SoftPruning(PassBase):
+    """This module's pass (see the module docstring); `keepers` holds the `SoftKeep` of each stage once it ran."""
+
+    def __init__(self, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3) -> None:
+        self.stages, self.keep, self.scorers, self.noise = stages, keep, scorers, noise
+        self.keepers: dict[int, SoftKeep] = {}
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        self.keepers = _insert_soft_pruning(graph_module, self.stages, self.keep, self.scorers, self.noise)
+        return PassResult(graph_module, True)
+
+
+def _insert_soft_pruning(
+    gm: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float
+) -> dict[int, SoftKeep]:
     structure = find_blocks(gm)
-    blocks, graph, special, cls = structure.blocks, gm.graph, structure.num_special, structure.class_token
+    blocks, graph, special = structure.blocks, gm.graph, structure.num_special
     qk = {b.index: (b.query, b.key, b.scale) if b.kind == "sdpa" else None for b in blocks}
     keepers: dict[int, SoftKeep] = {}
     masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
     final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
-    gathers: list[tuple[int, Node, int, Node]] = []  # (first block after it, mask, patch tokens kept, their indices)
+    gathers: list[tuple] = []  # (first block after it, *the gather's selection: mask, special, keep, False, kept)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
-    positions: tuple[Node, int] | None = None  # token grid positions, and how many gathers they have followed
     for stage, k in zip(stages, keep):
         stream = blocks[stage].input
         scorer = scorers[stage]
@@ -130,25 +153,17 @@ def build_calibration_graph(
             batch = emit(torch.ops.aten.sym_size.int, stream, 0)
             taps = []
             for b in blocks[max(0, stage - scorer.history):stage]:
-                if b.index not in descriptors:  # each block's descriptor is emitted once, on the tokens it attended over
-                    if qk[b.index]:
-                        node = emit(ops.interaction_descriptor, *qk[b.index], batch, special, cls, masks.get(b.index))
-                    else:
-                        node = emit(ops.descriptor_from_logits, b.attention.args[0], batch, special, cls, masks.get(b.index))
-                    descriptors[b.index] = (node, 0)
-                node, followed = descriptors[b.index]
-                later = [g for g in gathers if g[0] > b.index]
-                for _, by, count, kept in later[followed:]:  # align it with the stream: follow the gathers made since
-                    node = emit(ops.prune_tokens, node, by, special, count, False, kept)
+                # each block's descriptor is emitted once, on the tokens it attended over, and carried from where
+                # the last stage that read it left it through the gathers made since
+                node, followed = descriptors.get(b.index) or (
+                    attention_tap(gm, emit, b, "descriptor", batch, structure, masks.get(b.index), qk[b.index]), 0)
+                later = [g[1:] for g in gathers if g[0] > b.index]
+                node = follow(emit, node, later[followed:])
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
             kwargs = {}
-            if getattr(scorer, "positions", False):  # emitted once, then carried through the gathers made since
-                pos, followed = positions or (emit(ops.token_positions, blocks[0].input, special), 0)
-                for _, by, count, kept in gathers[followed:]:
-                    pos = emit(ops.prune_tokens, pos, by, special, count, False, kept)
-                positions = (pos, len(gathers))
-                kwargs["positions"] = pos
+            if getattr(scorer, "positions", False):
+                kwargs["positions"] = grid_positions(gm, emit, structure, [g[1:] for g in gathers])
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", **kwargs)
             decision = emit(f"spot_keep_{stage}", scores, op="call_module")
             mask, kept = emit(operator.getitem, decision, 0), emit(operator.getitem, decision, 1)
@@ -162,9 +177,9 @@ def build_calibration_graph(
         residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
         final = gathered if final is residual else final
         TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
-        gathers.append((stage + 1, mask, k, kept))
+        gathers.append((stage + 1, mask, special, k, False, kept))
     tap_final_tokens(gm, final)
-    return gm, keepers
+    return keepers
 
 
 def _mask_attention(gm: GraphModule, block, mask: Node, qk: dict) -> None:

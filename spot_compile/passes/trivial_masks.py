@@ -18,10 +18,23 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .graph_query import ADD_OPS, SDPA_OPS
 
 aten = torch.ops.aten
+
+
+class RemoveTrivialMasks(PassBase):
+    """The pass behind the contract of `passes.pipeline` (`example`: an input the graph accepts)."""
+
+    def __init__(self, example: torch.Tensor) -> None:
+        self.example = example
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        before = len(graph_module.graph.nodes)
+        remove_trivial_masks(graph_module, self.example)
+        return PassResult(graph_module, len(graph_module.graph.nodes) != before)
 
 
 def remove_trivial_masks(gm: GraphModule, example: torch.Tensor) -> GraphModule:

@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from ..passes.find_blocks import ModelStructure
 from ..passes.insert_pruning import insert_pruning
+from ..passes.pipeline import FunctionPass, PassBase
 from ..plan import keep_schedule
 
 
@@ -72,6 +73,11 @@ class TokenPolicy(ABC):
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node | None:
         """Rewrites `gm` so that `keep` patch tokens (plus the special tokens) enter block `before_block`; returns the
         node that now carries the stream (None where nothing had to change)."""
+
+
+    def stage_pass(self, structure: ModelStructure, before_block: int, keep: int) -> PassBase:
+        """`reduce` at one stage, behind the pass contract of `passes.pipeline`."""
+        return FunctionPass(lambda gm: self.reduce(gm, structure, before_block, keep), f"{self.name}@{before_block}")
 
 
 class DropPolicy(TokenPolicy):
