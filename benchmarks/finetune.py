@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a fo
 import spot_compile as sc  # noqa: E402
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split  # noqa: E402
 from spot_compile.predictors import load_predictor_metrics, with_tuned_backbone  # noqa: E402
+from spot_compile.preprocessing import model_normalization  # noqa: E402
 from spot_compile.training import accuracy, augment, batches, cosine_lr  # noqa: E402
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
 
@@ -49,7 +50,7 @@ def finetune_dense(model, train, steps: int, lr: float, batch_size: int = 128, s
     with Progress(console=console) as progress:
         task = progress.add_task("dense control", total=steps)
         while step < steps:
-            for x, y in batches(train, batch_size, shuffle=True, generator=gen):
+            for x, y in batches(train, batch_size, shuffle=True, normalization=model_normalization(model), generator=gen):
                 if step >= steps or len(y) < batch_size:
                     break
                 for g in opt.param_groups:

@@ -35,6 +35,7 @@ class SparseViT(nn.Module):
         self.config = config
         self.structure = structure
         self.compile_choice: dict | None = None  # set by compiled(verify=True)
+        self.pretrained_cfg: dict | None = None  # the source model's declared preprocessing (timm's convention)
 
     def forward(self, x: torch.Tensor):
         shape = self.plan.input_shape
@@ -165,7 +166,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
 
     if config.keep is None and config.budget >= 1.0:
         plan = SparsityPlan(config.policy, config.budget, [], dense_flops, dense_flops, tuple(example.shape))
-        return SparseViT(captured, plan, structure, config)
+        return _declaring_preprocessing(SparseViT(captured, plan, structure, config), model)
     built: dict[tuple[int, ...], tuple[GraphModule, ModelStructure, int]] = {}
 
     def build(k) -> tuple[GraphModule, ModelStructure, int]:
@@ -193,7 +194,14 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
         plan_stages.append(Stage(s, tokens, out, k))
         tokens = out
     plan = SparsityPlan(config.policy, config.budget, plan_stages, dense_flops, sparse_flops, tuple(example.shape))
-    return SparseViT(gm, plan, sparse_structure, config)
+    return _declaring_preprocessing(SparseViT(gm, plan, sparse_structure, config), model)
+
+
+def _declaring_preprocessing(sparse: SparseViT, model: nn.Module) -> SparseViT:
+    """`sparse` declaring the input statistics `model` declares, so that it is fed as the model is."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    sparse.pretrained_cfg = dict(cfg) if isinstance(cfg, dict) else None
+    return sparse
 
 
 def check_outputs_survive(dense: GraphModule, sparse: GraphModule) -> None:

@@ -38,6 +38,7 @@ from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
 from .policies import default_stages
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
+from .preprocessing import Normalization, model_normalization
 from .runlog import RunLog
 from .training import accuracy, augment, batches, cosine_lr, logits_of
 
@@ -58,6 +59,7 @@ def calibrate(
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
+    normalization: Normalization | None = None,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -70,11 +72,17 @@ def calibrate(
     With `out`, a partial checkpoint `<out>.partial` is written (atomically) after every epoch and, with `save_every`,
     every that many steps; a run started again with the same arguments resumes from it exactly (predictors, optimizer,
     schedule, the epoch's shuffle, every random generator), also when it was killed mid-epoch.
+
+    Images are normalised by `normalization`, by default as the model declares (`preprocessing.model_normalization`;
+    a model that declares nothing is refused before the capture), and the choice is printed.
     """
     console = console or Console()
     _check_arguments(train, val, batch_size, epochs, max_steps, save_every)
     if out is not None:
         out = check_writable_file(out, "--out")
+    normalization = normalization or model_normalization(model)
+    normalization.check_channels(int(train.images.shape[1]))
+    console.print(normalization.describe())
     torch.manual_seed(seed)
     model.eval()
     for p in model.parameters():
@@ -167,7 +175,8 @@ def calibrate(
                 torch.set_rng_state(resume["torch_rng"])
             else:
                 epoch_gen, order = gen.get_state(), torch.randperm(len(train), generator=gen)
-            for i, (x, y) in enumerate(batches(train, batch_size, shuffle=True, order=order[first * batch_size:]), first):
+            epoch_batches = batches(train, batch_size, shuffle=True, normalization=normalization, order=order[first * batch_size:])
+            for i, (x, y) in enumerate(epoch_batches, first):
                 if step >= total or len(y) < batch_size:
                     break
                 for g in opt.param_groups:
@@ -201,7 +210,8 @@ def calibrate(
                     save_partial(epoch, i + 1, epoch_gen, sums, n)
             for m in predictors.values():
                 m.eval()
-            row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": accuracy(sparse, val)}
+            row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+                   "val_top1": accuracy(sparse, val, normalization=normalization)}
             history.append(row)
             log.validation(row)
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from .config import DEFAULT_POLICY
 from .errors import SpotError
-from .policies import policy_help, policy_names
+from .policies import policy_class, policy_help, policy_names
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,6 +60,19 @@ def _stages(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of block indices, e.g. 3,6,9") from None
 
 
+def normalization_options(f):
+    f = click.option("--std", default=None, help="Per-channel std of the model's input normalisation, e.g. 0.229,0.224,0.225 "
+                     "(default: what the model declares; give with --mean).")(f)
+    return click.option("--mean", default=None, help="Per-channel mean of the model's input normalisation, e.g. "
+                        "0.485,0.456,0.406 (default: what the model declares, timm's pretrained_cfg).")(f)
+
+
+def _normalization(model, mean: str | None, std: str | None):
+    from .preprocessing import model_normalization, parse_values
+
+    return model_normalization(model, parse_values(mean, "--mean"), parse_values(std, "--std"))
+
+
 def model_options(f):
     f = click.option("--input-size", type=int, default=None, help="Image side; default: what the model declares.")(f)
     f = click.option("--factory", default=None, help="Function in MODEL_FILE that returns the model.")(f)
@@ -98,8 +111,16 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
               help="Write a self-contained torch.export program (.pt2, weights included; docs/serving.md).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Labelled images (ImageFolder tree, its val/ or test/ part if it has one; or an IDX directory's test "
+                   "split): report dense vs sparse top-1 and their top-1 agreement on them.")
+@click.option("--eval-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="With --data: evaluate on a fixed random subset of this many images.")
+@click.option("--token-maps", type=click.Path(path_type=Path), default=None,
+              help="With --data: draw the tokens kept at each stage over 6 of the images (PNG; policies that drop tokens).")
+@normalization_options
 def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
-          export_path, latency) -> None:
+          export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
     from . import SparsifyConfig, save, sparsify
     from .bench import quick_latency
     from .outputs import check_writable_file
@@ -108,10 +129,16 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
                             predictors=str(predictors) if predictors else None)
-    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export")):
+    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (token_maps, "--token-maps")):
         if path is not None:  # before the slow work, so that a typo costs nothing
             check_writable_file(path, option)
+    if token_maps is not None and data_dir is None:
+        raise click.BadParameter("draws over images from --data: give --data DIR too", param_hint="--token-maps")
+    if token_maps is not None and policy_class(policy).reduction != "drop":
+        raise click.BadParameter(f"shows which tokens a dropping policy keeps; policy {policy!r} keeps every patch "
+                                 "inside merged tokens: choose --policy class-attention or spot", param_hint="--token-maps")
     model = _load(model_file, model_name, factory)
+    evaluation = _evaluation_data(model, data_dir, input_size, eval_images, mean, std) if data_dir is not None else None
     with console.status("capturing and rewriting the graph"):
         sparse = sparsify(model, config)
     timing = quick_latency(model, sparse) if latency else None
@@ -129,6 +156,44 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 
         torch.export.save(sparse.export(), export_path)
         console.print(f"exported program written to {export_path} (load it with torch.export.load)")
+    if evaluation is not None:
+        _report_evaluation(model, sparse, *evaluation, token_maps)
+
+
+def _evaluation_data(model, data_dir: Path, input_size, limit: int, mean, std):
+    """The labelled images apply evaluates on and their normalisation, read before the slow work."""
+    from .capture import example_input
+    from .data import load_dataset
+
+    normalization = _normalization(model, mean, std)
+    _, channels, size, _ = example_input(model, input_size).shape
+    normalization.check_channels(channels)
+    split = "val" if (data_dir / "val").is_dir() else "test"
+    data = load_dataset(data_dir, split, size, channels, limit=limit)
+    console.print(f"evaluating on {len(data)} images of {data_dir} ({normalization.describe()})")
+    return data, normalization
+
+
+def _report_evaluation(model, sparse, data, normalization, token_maps: Path | None) -> None:
+    from rich.table import Table
+
+    from .evaluation import compare
+
+    with console.status(f"dense and sparse on {len(data)} images"):
+        result = compare(model, sparse, data, normalization)
+    table = Table(title=f"on {result.images} of your images: what budget {sparse.plan.budget} costs")
+    for col in ("dense top-1 %", "sparse top-1 %", "change (points)", "top-1 agreement with dense %"):
+        table.add_column(col)
+    table.add_row(f"{result.dense_top1:.2f}", f"{result.sparse_top1:.2f}", f"{result.sparse_top1 - result.dense_top1:+.2f}",
+                  f"{result.agreement:.2f}")
+    console.print(table)
+    if token_maps is not None:
+        from .visualize import kept_patches, save_token_maps
+
+        images = data.images[:6]
+        maps = kept_patches(sparse, normalization(images))
+        save_token_maps(images, {sparse.plan.policy: maps}, token_maps, [data.classes[int(y)] for y in data.labels[:6]])
+        console.print(f"token maps written to {token_maps}")
 
 
 @main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {_FILE_HELP}")
@@ -162,9 +227,10 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
                    "from it exactly, also after a kill mid-epoch.")
+@normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
               noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
-              logit_distill, out, save_every) -> None:
+              logit_distill, out, save_every, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -179,12 +245,13 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--signals") from None
     model = _load(model_file, model_name, factory)
+    normalization = _normalization(model, mean, std)
     _, channels, size, _ = example_input(model, input_size).shape
     train, val = train_val_split(load_dataset(data_dir, "train", size, channels), val_size, seed=seed)
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill, save_every=save_every)
+        logit_distill=logit_distill, save_every=save_every, normalization=normalization)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

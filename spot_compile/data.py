@@ -85,8 +85,9 @@ def load_idx_split(root: Path, split: str) -> ImageSet:
     return ImageSet(x, y, classes)
 
 
-def load_image_folder(root: Path, split: str, img_size: int, channels: int) -> ImageSet:
-    """`root/split/CLASS/*.png|jpg` (or `root/CLASS/...` for a single split)."""
+def load_image_folder(root: Path, split: str, img_size: int, channels: int, limit: int | None = None) -> ImageSet:
+    """`root/split/CLASS/*.png|jpg` (or `root/CLASS/...` for a single split); with `limit`, a fixed random subset of
+    that many files, chosen before any is decoded."""
     from PIL import Image
 
     base = root / split if (root / split).is_dir() else root
@@ -94,33 +95,38 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int) -> I
     if not class_dirs:
         raise DataError(f"{base} has no class folders; expected ImageFolder layout {root}/{split}/CLASS/image.png")
     mode = "L" if channels == 1 else "RGB"
+    files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir())
+             if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}]
+    if limit is not None and limit < len(files):
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        files = [files[i] for i in chosen]
     xs, ys = [], []
-    for label, d in enumerate(class_dirs):
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp"}:
-                continue
-            try:
-                img = Image.open(f).convert(mode).resize((img_size, img_size))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-                raise DataError(f"cannot read image {f} ({first_line(e)}); remove or replace the file") from None
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-            xs.append(torch.from_numpy(arr.reshape(img_size, img_size, channels)).permute(2, 0, 1))
-            ys.append(label)
+    for f, label in files:
+        try:
+            img = Image.open(f).convert(mode).resize((img_size, img_size))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {f} ({first_line(e)}); remove or replace the file") from None
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        xs.append(torch.from_numpy(arr.reshape(img_size, img_size, channels)).permute(2, 0, 1))
+        ys.append(label)
     if not xs:
         raise DataError(f"{base} has class folders but no images (.png/.jpg/.bmp)")
     return ImageSet(torch.stack(xs), torch.tensor(ys), tuple(d.name for d in class_dirs))
 
 
-def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int = 1) -> ImageSet:
-    """Loads `split` ("train" or "test") from an IDX directory or an ImageFolder tree."""
+def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int = 1, limit: int | None = None) -> ImageSet:
+    """Loads `split` ("train" or "test"; "val" for a folder that has one) from an IDX directory or an ImageFolder tree;
+    with `limit`, a fixed random subset of that many images."""
     root = Path(root)
     if not root.is_dir():
         hint = " (install it with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DIR else ""
         raise DataError(f"data directory not found: {root}{hint}")
     if _find_idx(root, "train", "images") or _find_idx(root, "test", "images"):
         data = load_idx_split(root, split)
+        if limit is not None and limit < len(data):
+            data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit].sort().values)
     elif any(p.is_dir() for p in root.iterdir()):
-        data = load_image_folder(root, split, img_size, channels)
+        data = load_image_folder(root, split, img_size, channels, limit)
     else:
         raise DataError(f"{root} is neither an IDX directory (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree (CLASS/img.png)")
     if data.images.shape[1] != channels:

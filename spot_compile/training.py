@@ -7,18 +7,20 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .data import ImageSet, normalize
+from .data import ImageSet
 from .errors import StructureError
+from .preprocessing import Normalization, model_normalization
 
 
-def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-            order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised image batches with labels, in `order` if given (a resumed epoch), else shuffled or in order."""
+def batches(data: ImageSet, batch_size: int, shuffle: bool, normalization: Callable[[torch.Tensor], torch.Tensor],
+            generator: torch.Generator | None = None, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Image batches normalised as the model expects (`preprocessing.model_normalization`) with labels, in `order`
+    if given (a resumed epoch), else shuffled or in order."""
     if order is None:
         order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
-        yield normalize(data.images[idx]), data.labels[idx]
+        yield normalization(data.images[idx]), data.labels[idx]
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -54,8 +56,11 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
 
 
 @torch.no_grad()
-def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, batch_size: int = 500) -> float:
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, batch_size: int = 500,
+             normalization: Normalization | None = None) -> float:
+    """Top-1 % of `model` on `data`, normalised as `normalization` says, by default as the model declares."""
+    normalization = normalization or model_normalization(model)
     correct = 0
-    for x, y in batches(data, batch_size, shuffle=False):
+    for x, y in batches(data, batch_size, shuffle=False, normalization=normalization):
         correct += int((logits_of(model(x)).argmax(-1) == y).sum())
     return 100.0 * correct / len(data)

@@ -52,7 +52,7 @@ def save_token_maps(images: torch.Tensor, maps_by_policy: dict[str, list[torch.T
     fig, axes = plt.subplots(n, len(cols) + 1, figsize=(1.6 * (len(cols) + 1), 1.6 * n), squeeze=False)
     side = int(next(iter(maps_by_policy.values()))[0].shape[1] ** 0.5)
     for i in range(n):
-        img = images[i, 0]
+        img = images[i].mean(0)  # grey: one channel as it is, colour as its mean
         axes[i, 0].imshow(img, cmap="gray")
         axes[i, 0].set_title(titles[i] if titles else "input", fontsize=7)
         for j, (policy, s) in enumerate(cols, start=1):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import FMNIST_MEAN, FMNIST_STD
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -112,6 +114,13 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The input statistics the model expects, declared as timm declares them (read by
+        `spot_compile.preprocessing`): Fashion-MNIST's, on which spot-compile trains its models."""
+        c = self.cfg.in_chans
+        return {"mean": (FMNIST_MEAN,) * c, "std": (FMNIST_STD,) * c, "input_size": (c, self.cfg.img_size, self.cfg.img_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed

@@ -19,6 +19,8 @@ then re-derives all downstream shapes with `TokenPropagation`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -33,8 +35,13 @@ SPOT_TAG = "spot_compile"  # node.meta key marking inserted nodes (used by --dum
 
 def insert_pruning(
     gm: GraphModule, structure: ModelStructure, before_block: int, keep: int, scorer: torch.nn.Module, fuse: bool = False,
+    carry: Callable[[Callable[[Node], Node]], None] | None = None,
 ) -> Node:
-    """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node."""
+    """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node.
+
+    `carry`, if given, is called before downstream shapes are re-derived with a function that emits the same
+    selection on another per-token tensor (B, N, ...) and returns the selected node: a policy that keeps other
+    per-token values beside the stream (merging's token sizes) makes them follow the prune there."""
     blocks = structure.blocks
     if not 1 <= before_block < len(blocks):
         raise StructureError(f"stage at block {before_block} is out of range: the model has blocks 0..{len(blocks) - 1}, "
@@ -64,6 +71,8 @@ def insert_pruning(
     pruned.meta["spot_block"] = before_block
     # The model's own output of this very tensor (an early feature map) stays the dense one: it is computed in full.
     stream.replace_all_uses_with(pruned, delete_user_cb=lambda user: user not in emitter.nodes and user.op != "output")
+    if carry is not None:
+        carry(lambda node: emitter(ops.prune_tokens, node, *pruned.args[1:]))
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
 

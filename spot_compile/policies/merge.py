@@ -98,17 +98,26 @@ def insert_merging(gm: GraphModule, structure: ModelStructure, before_block: int
     batch = emit(torch.ops.aten.sym_size.int, stream, 0)
     qk = query_key(blocks[before_block - 1])
     metric = stream if qk is None else emit(key_metric, qk[1], batch, qk[2])
-    earlier = [n for n in gm.graph.nodes if SIZES_TAG in n.meta]
-    sizes_in = max(earlier, key=lambda n: n.meta[SIZES_TAG]) if earlier else None
-    merged = emit(merge_tokens, stream, sizes_in, metric, structure.num_special, keep)
+    merged = emit(merge_tokens, stream, latest_sizes(gm), metric, structure.num_special, keep)
     tokens = emit(operator.getitem, merged, 0)
     sizes = emit(operator.getitem, merged, 1)
     sizes.meta[SIZES_TAG] = before_block
     stream.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in emit.nodes and user.op != "output")
-    for block in blocks[before_block:]:
-        _proportional_attention(gm, block, sizes)
+    rewire_size_bias(gm, structure, before_block, sizes)
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep}, f"block {before_block}").run()
     return tokens
+
+
+def latest_sizes(gm: GraphModule) -> Node | None:
+    """The token sizes of the latest merge (or of a selection that carried them), None before any merge."""
+    carried = [n for n in gm.graph.nodes if SIZES_TAG in n.meta]
+    return max(carried, key=lambda n: n.meta[SIZES_TAG]) if carried else None
+
+
+def rewire_size_bias(gm: GraphModule, structure: ModelStructure, from_block: int, sizes: Node) -> None:
+    """Proportional attention by `sizes` in block `from_block` and every later block."""
+    for block in structure.blocks[from_block:]:
+        _proportional_attention(gm, block, sizes)
 
 
 def _proportional_attention(gm: GraphModule, block: Block, sizes: Node) -> None:
