@@ -103,7 +103,11 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int, limi
     xs, ys = [], []
     for f, label in files:
         try:
-            img = Image.open(f).convert(mode).resize((img_size, img_size))
+            img = Image.open(f)
+            if channels == 1 and _in_colour(img):  # greying it silently would feed the model other data than it knows
+                raise DataError(f"{f} is a colour image but the model takes 1 channel; convert the data to greyscale or "
+                                "use a model with 3 input channels")
+            img = img.convert(mode).resize((img_size, img_size))
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
             raise DataError(f"cannot read image {f} ({first_line(e)}); remove or replace the file") from None
         arr = np.asarray(img, dtype=np.float32) / 255.0
@@ -112,6 +116,14 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int, limi
     if not xs:
         raise DataError(f"{base} has class folders but no images (.png/.jpg/.bmp)")
     return ImageSet(torch.stack(xs), torch.tensor(ys), tuple(d.name for d in class_dirs))
+
+
+def _in_colour(img) -> bool:
+    """Whether a PIL image has colour: an RGB file whose channels all agree is grey in all but its format."""
+    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return False
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
 
 
 def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int = 1, limit: int | None = None) -> ImageSet:

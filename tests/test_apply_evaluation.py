@@ -132,3 +132,17 @@ def test_normalisation_is_read_from_timm_and_from_spot_compiles_own_models():
     torch.testing.assert_close(model_normalization(vit)(x), (x - 0.2860) / 0.3530)
     with pytest.raises(DataError, match="declares no input normalisation"):
         model_normalization(torch.nn.Linear(2, 2))
+
+
+def test_colour_images_for_a_one_channel_model_are_refused_not_greyed(tmp_path):
+    import numpy as np
+
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "val" / "a" / "colour.png")
+    with pytest.raises(DataError, match="colour.png is a colour image but the model takes 1 channel"):
+        load_dataset(tmp_path, "val", 16, 1)
+    assert load_dataset(tmp_path, "val", 16, 3).images.shape == (1, 3, 16, 16)
+    grey = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "val" / "a" / "colour.png")  # grey, stored as RGB
+    assert load_dataset(tmp_path, "val", 16, 1).images.shape == (1, 1, 16, 16)
