@@ -2,6 +2,7 @@
 
     python recipes/calibrate_shipped.py                      # -> spot_compile/assets/fmnist_spot_predictors.pt
     python recipes/calibrate_shipped.py --signals embedding,interaction --out runs/ablation/no-dynamics.pt
+    torchrun --nproc-per-node 2 recipes/calibrate_shipped.py --out runs/ddp2.pt   # the same global batch on 2 processes
 
 The shipped predictors are calibrated with the backbone tuned too (--finetune is this recipe's default, at backbone
 lr 1e-3; --freeze-backbone trains the predictors alone); 5k images of the training split are held out for validation; the test split is not touched.
@@ -10,13 +11,15 @@ lr 1e-3; --freeze-backbone trains the predictors alone); 5k images of the traini
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
 
 from spot_compile.calibration import calibrate
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split
+from spot_compile.data import FASHION_MNIST_DIR
 from spot_compile.predictors import SIGNALS, PredictorConfig
+from spot_compile.streaming import training_datasets
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
 
 # One epoch of the 55k training images (429 steps of 128), chosen on the 5k validation split at budget 0.6 (dense
@@ -52,15 +55,21 @@ COVERAGE = 2.0
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int = HIDDEN, budget: float = 0.6, steps: int = STEPS,
                       data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
                       finetune: bool = True, backbone_lr: float = BACKBONE_LR, token_distill: float = TOKEN_DISTILL, seed: int = 0,
-                      logit_distill: float = LOGIT_DISTILL, coverage: float = COVERAGE):
+                      logit_distill: float = LOGIT_DISTILL, coverage: float = COVERAGE, workers: int = 2,
+                      device: str | None = "cpu", precision: str = "fp32"):
+    # Under torchrun the global batch stays BATCH, shared among the processes, so that the recipe is the same run.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if BATCH % world_size:
+        raise SystemExit(f"error: the recipe's batch of {BATCH} does not split among {world_size} processes")
     model, _ = load_shipped_model()
-    train, val = train_val_split(load_dataset(data, "train", model.cfg.img_size, model.cfg.in_chans), 5000)
+    train, val = training_datasets(data, 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
-    epochs = -(-steps // (len(train) // BATCH))  # enough passes for `steps` full batches (calibrate drops a ragged last one)
-    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH,
+    epochs = -(-steps // (len(train) // (BATCH * world_size)))  # enough passes for `steps` full global batches
+    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH // world_size,
                      predictor=PredictorConfig(hidden=hidden, signals=signals, coverage=coverage),
                      out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
-                     token_distill=token_distill, logit_distill=logit_distill, seed=seed)
+                     token_distill=token_distill, logit_distill=logit_distill, seed=seed, workers=workers, device=device,
+                     precision=precision)
 
 
 def main() -> None:
@@ -81,10 +90,14 @@ def main() -> None:
     ap.add_argument("--logit-distill", type=float, default=LOGIT_DISTILL, help="weight of the KL to the dense model's logits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--coverage", type=float, default=COVERAGE, help="weight of the spatial coverage prior on the logits")
+    ap.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda (the GPU of each process's local rank) or auto")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     calibrate_shipped(args.out, tuple(args.signals.split(",")), args.hidden, args.budget, args.steps, args.data, noise=args.noise, lr=args.lr,
                       finetune=args.finetune, backbone_lr=args.backbone_lr, token_distill=args.token_distill, seed=args.seed,
-                      logit_distill=args.logit_distill, coverage=args.coverage)
+                      logit_distill=args.logit_distill, coverage=args.coverage, workers=args.workers, device=args.device,
+                      precision=args.precision)
 
 
 if __name__ == "__main__":

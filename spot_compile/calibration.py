@@ -26,23 +26,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 
 from .api import SparseViT, sparsify
 from .capture import capture, clone_graph_module, example_input
 from .checkpoints import fingerprint, load_tensors
 from .config import SparsifyConfig
 from .data import ImageSet
+from .distributed import Processes, local_rank, resolve_device
 from .errors import CheckpointError, DataError, UsageError, first_line
 from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
 from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
 from .policies import default_stages
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
-from .preprocessing import Normalization, model_normalization
+from .preprocessing import Preprocessing, model_preprocessing
 from .runlog import RunLog
-from .training import accuracy, augment, batches, cosine_lr, logits_of
+from .streaming import EvalTransform, Prepared, SeededSampler, TrainTransform, as_dataset, classes_of, loader, reraised
+from .training import cosine_lr, logits_of
 
-PARTIAL_FORMAT = "spot-compile/calibration-partial/1"
+PARTIAL_FORMAT = "spot-compile/calibration-partial/2"
 
 
 @dataclass
@@ -54,44 +58,62 @@ class CalibrationResult:
 
 
 def calibrate(
-    model: nn.Module, train: ImageSet, val: ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
+    model: nn.Module, train: Dataset | ImageSet, val: Dataset | ImageSet, budget: float, *, stages: tuple[int, ...] | None = None,
     epochs: int = 2, batch_size: int = 128, lr: float = 3e-3, predictor: PredictorConfig = PredictorConfig(),
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
-    normalization: Normalization | None = None,
+    preprocessing: Preprocessing | None = None, workers: int = 0, device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
+
+    `train` and `val` are Datasets of (image, label) pairs, images as PIL images or [0, 1] tensors (`streaming`
+    reads IDX directories and ImageFolder trees so), or in-memory `ImageSet`s. They go through the model's own
+    preprocessing (`preprocessing.model_preprocessing`: normalisation, resize and crop, and the declared training
+    augmentation, printed at the start), with `workers` loader processes.
+
+    Under torchrun (`torchrun --nproc-per-node N -m spot_compile calibrate ...`, or a process group the caller
+    joined), the student trains under DistributedDataParallel: `batch_size` is per process, the global batch is
+    N x `batch_size`, the learning rates are used as given. Rank 0 alone prints and writes; validation is shared out.
+    `device` ("cpu", "cuda", None: the GPU when there is one) holds model, teacher and data; `precision` "bf16"
+    runs the forward passes under autocast. With `finetune`, `model`'s own parameters are updated in place (and
+    the model is moved to `device`).
 
     `compile` runs the calibration graph and the teacher under torch.compile: measured on 2 CPU cores on the earlier
     graph that masked every later block, a step of the shipped model at batch 128 dropped from ~15 s to ~3 s
     (Inductor fuses the masked softmax and the descriptor reductions, which dominate in eager), for a one-time
     compile of ~2 minutes.
-    With `finetune`, `model`'s own parameters are updated in place.
 
     With `out`, a partial checkpoint `<out>.partial` is written (atomically) after every epoch and, with `save_every`,
     every that many steps; a run started again with the same arguments resumes from it exactly (predictors, optimizer,
-    schedule, the epoch's shuffle, every random generator), also when it was killed mid-epoch.
-
-    Images are normalised by `normalization`, by default as the model declares (`preprocessing.model_normalization`;
-    a model that declares nothing is refused before the capture), and the choice is printed.
+    schedule, the epoch's shuffle and position, every process's random generators), also when it was killed mid-epoch.
     """
+    device = resolve_device(device, local_rank())
+    procs = Processes.from_env(device)
     console = console or Console()
-    _check_arguments(train, val, batch_size, epochs, max_steps, save_every)
+    if not procs.main:
+        console = Console(quiet=True)
+    train, val = as_dataset(train), as_dataset(val)
+    _check_arguments(train, val, batch_size, epochs, max_steps, save_every, procs.world_size)
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
     if out is not None:
         out = check_writable_file(out, "--out")
-    normalization = normalization or model_normalization(model)
-    normalization.check_channels(int(train.images.shape[1]))
-    console.print(normalization.describe())
     torch.manual_seed(seed)
-    model.eval()
+    model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     example = example_input(model, input_size)
-    with torch.no_grad():  # a model without tensor logits is refused now, not after the compile (minutes)
+    if preprocessing is None:
+        preprocessing = model_preprocessing(model, int(example.shape[1]), tuple(example.shape[-2:]))
+    train_set, val_set = Prepared(train, TrainTransform(preprocessing)), Prepared(val, EvalTransform(preprocessing))
+    with torch.no_grad():  # bad data and a model without tensor logits are refused now, not after the compile (minutes)
+        _ = train_set[0], val_set[0]
         classes = logits_of(model(example)).shape[-1]
-    if len(train.classes) != classes:
-        raise DataError(f"the data has {len(train.classes)} classes but the model's head gives {classes} logits; "
+    named = classes_of(train)
+    if named is not None and len(named) != classes:
+        raise DataError(f"the data has {len(named)} classes but the model's head gives {classes} logits; "
                         "calibrate on data with the classes the model was trained on, in its order")
     captured = capture(model, example)
     # The teacher must stay the dense model the user brought, also while the backbone under it is being tuned.
@@ -101,11 +123,17 @@ def calibrate(
     structure = find_blocks(captured)
     stages = stages or default_stages(len(structure.blocks))
     predictors = make_predictors(structure, stages, predictor)
+    for m in predictors.values():
+        m.to(device)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
-    run_student = torch.compile(student) if compile else student
+    trained = student
+    if procs.world_size > 1:
+        trained = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    run_student = torch.compile(trained) if compile else trained
     run_teacher = torch.compile(teacher_graph) if compile and distill else teacher_graph
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
         targets.append(k / alive)
@@ -117,8 +145,11 @@ def calibrate(
             p.requires_grad_(True)
         groups.append({"params": backbone, "base_lr": backbone_lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(train) // batch_size  # full batches only: a ragged last batch would recompile
+    sampler = SeededSampler(train, procs.world_size, procs.rank, seed)
+    train_loader = loader(train_set, batch_size, sampler=sampler, workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+    mine = list(range(procs.rank, len(val), procs.world_size))  # each process validates every world-th image
+    val_loader = loader(Subset(val_set, mine), max(batch_size, 256), workers=workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = sampler.num_samples // batch_size  # full batches only: a ragged last batch would recompile
     total = min(max_steps or steps_per_epoch * epochs, steps_per_epoch * epochs)
     partial = out.with_suffix(".partial") if out else None
     history, start_epoch, step = [], 0, 0
@@ -126,7 +157,7 @@ def calibrate(
     # In its JSON form (tuples as lists), as it is read back from a partial.
     identity = json.loads(json.dumps({"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages),
                                       "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
-                                      "batch_size": batch_size}))
+                                      "batch_size": batch_size, "world_size": procs.world_size}))
     resume = None
     if partial and partial.exists():
         state = _read_partial(partial, identity)
@@ -137,26 +168,30 @@ def calibrate(
                 model.load_state_dict(state["backbone"])
             opt.load_state_dict(state["opt"])
             history, start_epoch, step = json.loads(state["history"]), int(state["epoch"]), int(state["step"])
-            resume = {"batch": int(state["batch"]), "epoch_gen": state["epoch_gen"], "gen": state["gen"],
-                      "torch_rng": state["torch_rng"], "sums": json.loads(state["sums"]), "n": int(state["n"])}
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            resume = {"batch": int(state["batch"]), "rng": state["rng"][procs.rank], "sums": json.loads(state["sums"]),
+                      "n": int(state["n"])}
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{partial} is a damaged partial calibration ({first_line(e)}); delete it to start afresh") from None
         console.print(f"resuming calibration at step {step} (epoch {start_epoch + 1}, batch {resume['batch']})")
 
-    def save_partial(epoch: int, batch: int, epoch_gen: torch.Tensor, sums: dict, n: int) -> None:
-        """Everything a resumed run needs to continue as if never stopped; `epoch_gen` is the generator's state when
-        `epoch` began (its shuffle is drawn from it again), `batch` the batches of that epoch already trained."""
-        save_atomically({"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True),
-                         "predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
-                         "backbone": model.state_dict() if finetune else None, "history": json.dumps(history),
-                         "epoch": epoch, "batch": batch, "step": step, "epoch_gen": epoch_gen, "gen": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "sums": json.dumps(sums), "n": n}, partial, "--out")
+    def save_partial(epoch: int, batch: int, sums: dict, n: int) -> None:
+        """Everything a resumed run needs to continue as if never stopped: `batch` is how many batches of `epoch`
+        were trained (its shuffle is drawn again from the seed and the epoch), and each process's generators."""
+        rng = procs.gather(_rng_state(device))  # a collective: every process takes part, rank 0 writes
+        if procs.main:
+            save_atomically({"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True),
+                             "predictors": {s: m.state_dict() for s, m in predictors.items()}, "opt": opt.state_dict(),
+                             "backbone": model.state_dict() if finetune else None, "history": json.dumps(history),
+                             "epoch": epoch, "batch": batch, "step": step, "rng": rng, "sums": json.dumps(sums), "n": n},
+                            partial, "--out")
 
+    console.print(preprocessing.describe())  # once every setting and file is accepted, before the first step
     t0 = time.time()
-    log = RunLog(console, out.with_suffix(".jsonl") if out else None, total, batch_size, resumed=resume is not None)
+    log = RunLog(console, out.with_suffix(".jsonl") if out and procs.main else None, total, batch_size * procs.world_size,
+                 resumed=resume is not None)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not procs.main) as progress:
         task = progress.add_task("calibrating", total=total, completed=step, rate="")
         for epoch in range(start_epoch, epochs):
             if step >= total:
@@ -166,36 +201,36 @@ def calibrate(
                 m.train()
             sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "tok": 0.0, "ratio": 0.0}
             n, first = 0, 0
-            if resume is not None and epoch == start_epoch:  # the same shuffle, then the generators as they were
-                gen.set_state(resume["epoch_gen"])
-                epoch_gen, order = resume["epoch_gen"], torch.randperm(len(train), generator=gen)
-                if resume["batch"]:  # saved mid-epoch: the generator had gone on past the shuffle
-                    gen.set_state(resume["gen"])
-                    sums, n, first = resume["sums"], resume["n"], resume["batch"]
-                torch.set_rng_state(resume["torch_rng"])
-            else:
-                epoch_gen, order = gen.get_state(), torch.randperm(len(train), generator=gen)
-            epoch_batches = batches(train, batch_size, shuffle=True, normalization=normalization, order=order[first * batch_size:])
-            for i, (x, y) in enumerate(epoch_batches, first):
-                if step >= total or len(y) < batch_size:
+            if resume is not None and epoch == start_epoch:
+                sums, n, first = (resume["sums"], resume["n"], resume["batch"]) if resume["batch"] else (sums, 0, 0)
+                _set_rng_state(resume["rng"], device)
+            sampler.start(epoch, first * batch_size)
+            for i, (x, y) in enumerate(reraised(train_loader), first):
+                if step >= total:
                     break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if named is None and int(y.max()) >= classes:
+                    raise DataError(f"label {int(y.max())} in the data, but the model's head gives {classes} logits; "
+                                    "calibrate on data with the classes the model was trained on")
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, total, warmup=max(1, total // 20), base=g["base_lr"])
-                x = augment(x, gen)
-                with torch.no_grad():
-                    teacher = logits_of(run_teacher(x)) if distill else None
-                logits = logits_of(run_student(x))
+                with torch.no_grad(), autocast:
+                    teacher = logits_of(run_teacher(x)).float() if distill else None
+                with autocast:
+                    logits = logits_of(run_student(x)).float()
                 ce = F.cross_entropy(logits, y)
                 kl = (F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-                      if logit_distill else torch.zeros(()))
+                      if logit_distill else torch.zeros((), device=device))
                 ratio = sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
-                tok = token_loss(student.spot_final_tokens.value, teacher_tokens.value,
-                                 [keepers[s] for s in stages], structure.num_special) if token_distill else torch.zeros(())
+                tok = token_loss(student.spot_final_tokens.value.float(), teacher_tokens.value.float(),
+                                 [keepers[s] for s in stages], structure.num_special) if token_distill else torch.zeros((), device=device)
                 loss = ce + logit_distill * kl + token_distill * tok + 2.0 * ratio
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                parts = {key: float(v.detach()) for key, v in (("loss", loss), ("ce", ce), ("kl", kl), ("tok", tok), ("ratio", ratio))}
+                # one all-reduce of five numbers: the log shows the global batch's losses, not rank 0's share
+                values = procs.mean(torch.stack([loss, ce, kl, tok, ratio]).detach().float()).tolist()
+                parts = dict(zip(("loss", "ce", "kl", "tok", "ratio"), values))
                 for key, v in parts.items():
                     sums[key] += v
                 n += 1
@@ -207,20 +242,23 @@ def calibrate(
                                            "lr": [g["lr"] for g in opt.param_groups],
                                            "keep_ratio": {str(s): float(keepers[s].soft_ratio.mean()) for s in stages}})
                 if partial and save_every and step % save_every == 0 and step < total:
-                    save_partial(epoch, i + 1, epoch_gen, sums, n)
+                    save_partial(epoch, i + 1, sums, n)
             for m in predictors.values():
                 m.eval()
-            row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
-                   "val_top1": accuracy(sparse, val, normalization=normalization)}
+            with autocast:
+                top1 = _shared_accuracy(sparse, val_loader, device, procs, len(val))
+            row = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": top1}
             history.append(row)
             log.validation(row)
             progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
             if partial:
-                save_partial(epoch + 1, 0, gen.get_state(), {}, 0)
+                save_partial(epoch + 1, 0, {}, 0)
     log.close()
     seconds = time.time() - t0
     for p in model.parameters():
         p.requires_grad_(False)
+    differ = procs.largest_difference([p for m in predictors.values() for p in m.parameters()] +
+                                      (list(model.parameters()) if finetune else []))
     tuned = "backbone tuned" if finetune else "backbone frozen"
     table = Table(title=f"calibration: budget {budget}, stages {list(stages)}, keep {list(keep)}, {tuned}")
     for col in ("epoch", "loss", "CE", "KL", "tokens", "keep-ratio", "val top-1 % (pruned)"):
@@ -229,20 +267,46 @@ def calibrate(
         table.add_row(str(r["epoch"]), f"{r['loss']:.4f}", f"{r['ce']:.4f}", f"{r['kl']:.4f}", f"{r.get('tok', 0.0):.4f}",
                       f"{r['ratio']:.5f}", f"{r['val_top1']:.2f}")
     console.print(table)
-    console.print(f"calibration took {seconds:.0f} s")
+    processes = f" on {procs.world_size} processes (largest weight difference between them {differ:g})" if procs.world_size > 1 else ""
+    console.print(f"calibration took {seconds:.0f} s{processes}")
     ckpt = PredictorCheckpoint(predictors, tuple(stages), budget, predictor,
                                {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune,
-                                "token_distill": token_distill, "logit_distill": logit_distill},
+                                "token_distill": token_distill, "logit_distill": logit_distill,
+                                "world_size": procs.world_size, "global_batch": batch_size * procs.world_size,
+                                "rank_weight_difference": differ, "precision": precision},
                                backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
-    if out:
+    if out and procs.main:
         save_predictors(out, ckpt, model, structure)
         if partial:
             partial.unlink(missing_ok=True)
+    procs.barrier()  # no process leaves before the checkpoint is written
     return CalibrationResult(ckpt, sparse, history, seconds)
 
 
-def _check_arguments(train: ImageSet, val: ImageSet, batch_size: int, epochs: int, max_steps: int | None,
-                     save_every: int | None) -> None:
+PRECISIONS = ("fp32", "bf16")
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def _shared_accuracy(model, batches, device: torch.device, procs: Processes, total: int) -> float:
+    """Top-1 % over the whole validation set, each process counting its own share."""
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in reraised(batches):
+        correct += (logits_of(model(x.to(device))).argmax(-1) == y.to(device)).sum()
+    return 100.0 * int(procs.sum(correct)) / total
+
+
+def _check_arguments(train: Dataset, val: Dataset, batch_size: int, epochs: int, max_steps: int | None,
+                     save_every: int | None, world_size: int) -> None:
     """Refuses, before the model is captured, a run that could not train a single step or validate."""
     for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1)):
         if not isinstance(value, int) or value < least:
@@ -250,9 +314,10 @@ def _check_arguments(train: ImageSet, val: ImageSet, batch_size: int, epochs: in
     for name, value in (("max_steps", max_steps), ("save_every", save_every)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UsageError(f"{name} must be a whole number >= 1 (or None), got {value!r}")
-    if len(train) < batch_size:
-        raise DataError(f"{len(train)} training images are fewer than one batch of {batch_size}: no step could run; "
-                        "lower --batch-size, lower --val-size or add images")
+    if len(train) < batch_size * world_size:
+        many = f" per process x {world_size} processes" if world_size > 1 else ""
+        raise DataError(f"{len(train)} training images are fewer than one batch of {batch_size}{many}: no step could run; "
+                        f"lower --batch-size{', start fewer processes' if world_size > 1 else ''}, lower --val-size or add images")
     if len(val) == 0:
         raise DataError("the validation split is empty; raise --val-size")
 

@@ -5,6 +5,7 @@ Commands that take MODEL_FILE run that Python file to build the model: only use 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ class SpotGroup(click.Group):
         except SpotError as e:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it; rank 0 unmarked
+            err_console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {e}", highlight=False, soft_wrap=True)
             ctx.exit(2)
 
 
@@ -227,31 +229,44 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
                    "from it exactly, also after a kill mid-epoch.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Data loader processes per training process (0: read images in the training process).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when torch sees one, else the CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 runs the forward passes under autocast (fast on GPUs and on CPUs with AVX512-BF16).")
+@click.option("--augment", type=click.Choice(["random-resized-crop", "shift-flip", "none"]), default=None,
+              help="Training augmentation (default: what the model declares in pretrained_cfg['train_augment'], else "
+                   "random-resized-crop).")
 @normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
               noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
-              logit_distill, out, save_every, mean, std) -> None:
+              logit_distill, out, save_every, workers, device, precision, augment, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
-    from .data import load_dataset, train_val_split
+    from .distributed import local_rank, resolve_device
     from .outputs import check_writable_file
     from .predictors import PredictorConfig
+    from .preprocessing import model_preprocessing, parse_values
+    from .streaming import training_datasets
 
     SparsifyConfig(budget=budget)  # validates the budget before any slow work
     check_writable_file(out, "--out")
+    device = resolve_device(device, local_rank())
     try:
         predictor = PredictorConfig(hidden=hidden, coverage=coverage, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--signals") from None
     model = _load(model_file, model_name, factory)
-    normalization = _normalization(model, mean, std)
-    _, channels, size, _ = example_input(model, input_size).shape
-    train, val = train_val_split(load_dataset(data_dir, "train", size, channels), val_size, seed=seed)
+    _, channels, height, width = example_input(model, input_size).shape
+    preprocessing = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"),
+                                        std=parse_values(std, "--std"), augment=augment)
+    train, val = training_datasets(data_dir, val_size, seed=seed, channels=channels)
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill, save_every=save_every, normalization=normalization)
+        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing, workers=workers, device=device,
+        precision=precision)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

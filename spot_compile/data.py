@@ -63,7 +63,8 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _find_idx(root: Path, split: str, kind: str) -> Path | None:
+def find_idx(root: Path, split: str, kind: str) -> Path | None:
+    """The IDX file of `kind` ("images" or "labels") for `split` in `root` (gzip-compressed or not), or None."""
     prefix = _SPLIT_PREFIX[split]
     for name in (f"{prefix}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte", f"{prefix}-{kind}.idx"):
         for suffix in (".gz", ""):
@@ -73,7 +74,7 @@ def _find_idx(root: Path, split: str, kind: str) -> Path | None:
 
 
 def load_idx_split(root: Path, split: str) -> ImageSet:
-    images_path, labels_path = _find_idx(root, split, "images"), _find_idx(root, split, "labels")
+    images_path, labels_path = find_idx(root, split, "images"), find_idx(root, split, "labels")
     if images_path is None or labels_path is None:
         raise DataError(f"no {split} IDX files in {root} (expected {_SPLIT_PREFIX[split]}-images-idx3-ubyte[.gz] and labels)")
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -104,7 +105,7 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int, limi
     for f, label in files:
         try:
             img = Image.open(f)
-            if channels == 1 and _in_colour(img):  # greying it silently would feed the model other data than it knows
+            if channels == 1 and in_colour(img):  # greying it silently would feed the model other data than it knows
                 raise DataError(f"{f} is a colour image but the model takes 1 channel; convert the data to greyscale or "
                                 "use a model with 3 input channels")
             img = img.convert(mode).resize((img_size, img_size))
@@ -118,7 +119,7 @@ def load_image_folder(root: Path, split: str, img_size: int, channels: int, limi
     return ImageSet(torch.stack(xs), torch.tensor(ys), tuple(d.name for d in class_dirs))
 
 
-def _in_colour(img) -> bool:
+def in_colour(img) -> bool:
     """Whether a PIL image has colour: an RGB file whose channels all agree is grey in all but its format."""
     if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
         return False
@@ -133,7 +134,7 @@ def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int
     if not root.is_dir():
         hint = " (install it with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DIR else ""
         raise DataError(f"data directory not found: {root}{hint}")
-    if _find_idx(root, "train", "images") or _find_idx(root, "test", "images"):
+    if find_idx(root, "train", "images") or find_idx(root, "test", "images"):
         data = load_idx_split(root, split)
         if limit is not None and limit < len(data):
             data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit].sort().values)

@@ -10,7 +10,7 @@ statistics would be a silently wrong input, so it is refused before any slow wor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,3 +71,52 @@ def model_normalization(model: torch.nn.Module, mean: Sequence[float] | None = N
                              "declared by the model's pretrained_cfg")
     raise DataError(f"the model declares no input normalisation (timm's pretrained_cfg mean/std); pass the statistics it "
                     f"was trained with: {IMAGENET_HINT}")
+
+
+# How training images are augmented; a model may declare its own in `pretrained_cfg["train_augment"]`.
+AUGMENTATIONS = {
+    "random-resized-crop": "RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip, as DeiT and timm train",
+    "shift-flip": "shift by up to 2 pixels (zero padding) + horizontal flip, as spot-compile's Fashion-MNIST recipes train",
+    "none": "no augmentation: the evaluation transform",
+}
+DEFAULT_AUGMENT = "random-resized-crop"  # for a model that declares none: the natural-image ViT recipes' choice
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything between an image file and the model's input: normalisation, input size, evaluation resize and centre
+    crop (resize the shorter side to size / crop_pct, crop the centre), interpolation, and the training augmentation."""
+
+    normalization: Normalization
+    input_size: tuple[int, int]
+    channels: int
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    augment: str = DEFAULT_AUGMENT
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise DataError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.interpolation not in ("nearest", "bilinear", "bicubic"):
+            raise DataError(f"unknown interpolation {self.interpolation!r}; choose nearest, bilinear or bicubic")
+        if not 0 < self.crop_pct <= 1:
+            raise DataError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        self.normalization.check_channels(self.channels)
+
+    def describe(self) -> str:
+        h, w = self.input_size
+        return (f"{self.normalization.describe()}; input {self.channels}x{h}x{w}, eval crop_pct {self.crop_pct:g} "
+                f"({self.interpolation}); train augmentation {self.augment}")
+
+
+def model_preprocessing(model: torch.nn.Module, channels: int, input_size: tuple[int, int], *, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, augment: str | None = None) -> Preprocessing:
+    """The preprocessing `model` declares in timm's `pretrained_cfg` (mean, std, crop_pct, interpolation, and
+    spot-compile's `train_augment`), with `mean`/`std`/`augment` overriding; `channels` and `input_size` are the
+    model's input as captured (a user's --input-size wins over the declaration there)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    pre = Preprocessing(model_normalization(model, mean, std), tuple(input_size), channels,
+                        crop_pct=float(cfg.get("crop_pct") or 1.0), interpolation=str(cfg.get("interpolation") or "bilinear"),
+                        augment=str(cfg.get("train_augment") or DEFAULT_AUGMENT))
+    return replace(pre, augment=augment) if augment else pre

@@ -344,11 +344,15 @@ def test_fewer_training_images_than_a_batch_is_one_line(tmp_path):
 
 
 def test_a_corrupt_image_is_named(tmp_path):
+    # images are read as training reads them, in a loader worker: the error comes back from it as one line
     root = _image_folder(tmp_path / "data", corrupt="broken.png")
-    result = CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--data", str(root), "--out",
-                                       str(tmp_path / "p.pt"), "--val-size", "2"])
-    _one_line_error(result, "cannot read image")
-    assert "broken.png" in result.output
+    model_file = _write(tmp_path, MODEL_FILE.replace("heads=2)", "heads=2, num_classes=2)"))
+    result = CliRunner().invoke(main, ["calibrate", model_file, "--data", str(root), "--out",
+                                       str(tmp_path / "p.pt"), "--val-size", "2", "--batch-size", "3", "--no-compile",
+                                       "--workers", "1", "--epochs", "2"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]  # after the progress made before the file came up
+    assert last.startswith("error: cannot read image") and "broken.png" in last, result.output
 
 
 def _calibrate_into(tmp_path, out):
@@ -392,8 +396,12 @@ def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
 
     model = build("hf ViTForImageClassification (sdpa)")  # returns an ImageClassifierOutput, not a tensor
     data = ImageSet(torch.rand(16, 3, INPUT_SIZE, INPUT_SIZE), torch.randint(0, 10, (16,)), tuple("0123456789"))
+    from spot_compile.preprocessing import Normalization, Preprocessing
+
+    # a Hugging Face model keeps its statistics in its image processor: the caller states them
+    pre = Preprocessing(Normalization((0.5,) * 3, (0.5,) * 3, "the image processor's"), (INPUT_SIZE, INPUT_SIZE), 3)
     result = calibrate(model, data, data.subset(torch.arange(8)), 0.6, batch_size=8, max_steps=2, compile=False,
-                       input_size=INPUT_SIZE)
+                       input_size=INPUT_SIZE, preprocessing=pre)
     assert len(result.history) == 1 and 0.0 <= result.history[0]["val_top1"] <= 100.0
 
 

@@ -118,9 +118,11 @@ class ViT(nn.Module):
     @property
     def pretrained_cfg(self) -> dict:
         """The input statistics the model expects, declared as timm declares them (read by
-        `spot_compile.preprocessing`): Fashion-MNIST's, on which spot-compile trains its models."""
+        `spot_compile.preprocessing`): Fashion-MNIST's, on which spot-compile trains its models, with the whole image
+        as input (no crop) and its recipes' augmentation (`train_augment`, spot-compile's key)."""
         c = self.cfg.in_chans
-        return {"mean": (FMNIST_MEAN,) * c, "std": (FMNIST_STD,) * c, "input_size": (c, self.cfg.img_size, self.cfg.img_size)}
+        return {"mean": (FMNIST_MEAN,) * c, "std": (FMNIST_STD,) * c, "input_size": (c, self.cfg.img_size, self.cfg.img_size),
+                "crop_pct": 1.0, "interpolation": "bilinear", "train_augment": "shift-flip"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed

@@ -1,0 +1,308 @@
+"""Images streamed from disk for training: torch Datasets over IDX files and ImageFolder trees, the model's train and
+eval transforms, and the sampler and DataLoader that feed calibration on one process or many.
+
+Nothing here holds decoded images: an ImageFolder tree is read file by file in the loader's workers, an IDX file is
+held as its raw bytes (uint8, a memory map where it is not compressed), so resident memory does not grow with the
+number of images (benchmarks/calibration_scaling.py measures it).
+
+Every random choice of the training augmentation is a function of (seed, epoch, image index) alone: the same image
+gets the same crop whatever the number of workers or processes, and a resumed epoch replays exactly.
+
+A file that cannot be read stops the run with a line naming it (`DataError`), rather than being skipped: a skipped
+image would shorten the batch, and a changed batch shape recompiles the static-shape graph; with `--save-every` the
+run resumes where it stopped once the file is removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ImageSet, find_idx, in_colour, read_idx
+from .errors import DataError, SpotError, first_line
+from .preprocessing import Preprocessing
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_NEEDS_TORCHVISION = "needs torchvision (pip install torchvision, the release paired with your torch)"
+
+
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision
+
+
+def to_tensor(image, channels: int, where: str = "an image") -> torch.Tensor:
+    """A PIL image or a (C, H, W) / (H, W) tensor or array in [0, 1] (uint8: 0-255) as a float (channels, H, W) tensor."""
+    if not isinstance(image, (torch.Tensor, np.ndarray)) and hasattr(image, "convert"):  # PIL
+        if channels == 1 and in_colour(image):
+            raise DataError(f"{where} is a colour image but the model takes 1 channel; convert the data to greyscale or use "
+                            "a model with 3 input channels")
+        image = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    elif t.dim() == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):
+        t = t.permute(2, 0, 1)  # HWC (PIL's and numpy's order)
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.shape[0] != channels:
+        if t.shape[0] == 1:
+            t = t.expand(channels, -1, -1)
+        else:
+            raise DataError(f"{where} has {t.shape[0]} channels but the model takes {channels}; convert the data or use "
+                            f"a model with {t.shape[0]} input channels")
+    return t
+
+
+class EvalTransform:
+    """Resize the shorter side to size / crop_pct, crop the centre, normalise: timm's eval transform. An image
+    already of the input size with crop_pct 1 is only normalised."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+
+    def resize_crop(self, t: torch.Tensor) -> torch.Tensor:
+        h, w = self.pre.input_size
+        if tuple(t.shape[-2:]) == (h, w) and self.pre.crop_pct == 1.0:
+            return t
+        # timm's sizes: the shorter side to floor(size / crop_pct), the longer in proportion (truncated, as torchvision)
+        side = math.floor(max(h, w) / self.pre.crop_pct)
+        ih, iw = t.shape[-2:]
+        size = (side, int(side * iw / ih)) if ih <= iw else (int(side * ih / iw), side)
+        t = _resize(t, size, self.pre.interpolation)
+        top, left = round((size[0] - h) / 2), round((size[1] - w) / 2)
+        return t[:, top : top + h, left : left + w]
+
+    def __call__(self, image, where: str = "an image") -> torch.Tensor:
+        return self.pre.normalization(self.resize_crop(to_tensor(image, self.pre.channels, where)))
+
+
+class TrainTransform(EvalTransform):
+    """The declared training augmentation, then normalisation. Draws from torch's global generator: the dataset seeds
+    it per image (see `Prepared`)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__(pre)
+        self.crop = None
+        if pre.augment == "random-resized-crop":
+            tv = _torchvision()
+            if tv is None:
+                raise DataError(f"the {pre.augment} augmentation {_NEEDS_TORCHVISION}; or choose --augment shift-flip / none")
+            from torchvision.transforms import v2
+
+            mode = getattr(v2.InterpolationMode, pre.interpolation.upper())
+            self.crop = v2.RandomResizedCrop(pre.input_size, interpolation=mode, antialias=True)
+
+    def __call__(self, image, where: str = "an image") -> torch.Tensor:
+        t = to_tensor(image, self.pre.channels, where)
+        if self.pre.augment == "random-resized-crop":
+            t = self.crop(t)
+        else:
+            t = self.resize_crop(t)
+            if self.pre.augment == "shift-flip":
+                t = shift(t, 2)
+        if self.pre.augment != "none" and torch.rand(()) < 0.5:
+            t = t.flip(-1)
+        return self.pre.normalization(t)
+
+
+def shift(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """A random translation by up to `pad` pixels each way, the uncovered border zero (black, before normalisation)."""
+    h, w = t.shape[-2:]
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return F.pad(t, (pad, pad, pad, pad))[:, dy : dy + h, dx : dx + w]
+
+
+def _resize(t: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
+    return F.interpolate(t.unsqueeze(0), size=size, mode=mode, **kwargs).squeeze(0).clamp(0, 1)
+
+
+class IdxImages(Dataset):
+    """One split of an IDX directory (the MNIST family) as (uint8 image, label) pairs; the file's bytes are the only
+    copy (a memory map of an uncompressed file)."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        images, labels = find_idx(root, split, "images"), find_idx(root, split, "labels")
+        if images is None or labels is None:
+            raise DataError(f"no {split} IDX files in {root} (expected {split}-images-idx3-ubyte[.gz] and labels)")
+        self.images = _map_idx(images)
+        self.labels = torch.from_numpy(read_idx(labels).astype(np.int64))
+        if self.images.ndim != 3 or len(self.images) != len(self.labels):
+            raise DataError(f"IDX files in {root} disagree: images {self.images.shape} vs labels {tuple(self.labels.shape)}")
+        n = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = FASHION_MNIST_CLASSES if n <= 10 and Path(root) == FASHION_MNIST_DIR else tuple(str(i) for i in range(n))
+        self.where = str(images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])
+
+
+def _map_idx(path: Path) -> np.ndarray:
+    if path.suffix == ".gz":  # compressed: decompressed once, held as uint8 (4x less than decoded floats)
+        return read_idx(path)
+    raw = read_idx(path)  # validates the header and size
+    header = 4 + 4 * raw.ndim
+    return np.memmap(path, dtype=raw.dtype, mode="r", offset=header, shape=raw.shape)
+
+
+def image_folder(base: Path, channels: int):
+    """torchvision's ImageFolder over `base/CLASS/*`; an unreadable file stops the run naming it."""
+    tv = _torchvision()
+    if tv is None:
+        raise DataError(f"reading an image folder {_NEEDS_TORCHVISION}")
+    try:
+        folder = tv.datasets.ImageFolder(str(base), loader=ImageLoader(channels), is_valid_file=_is_image)
+    except FileNotFoundError as e:  # no class folders, or class folders with no images
+        raise DataError(f"{base}: {first_line(e)}; expected ImageFolder layout {base}/CLASS/image.png") from None
+    return folder
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+class ImageLoader:
+    """Opens one image file; a picklable callable, for the loader's workers."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = img.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {path} ({first_line(e)}); remove or replace the file") from None
+        return to_tensor(image, self.channels, path)  # here, where the file's name is known for a refusal
+
+
+def training_datasets(root: str | Path, val_size: int, seed: int = 0, channels: int = 1) -> tuple[Dataset, Dataset]:
+    """(train, validation) from `root`: an ImageFolder tree with `train/` and `val/` (both used as they are), one
+    ImageFolder tree, or an IDX directory (both split by `val_size` with a fixed `seed`; IDX test files are never read)."""
+    root = Path(root)
+    if not root.is_dir():
+        hint = " (install it with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DIR else ""
+        raise DataError(f"data directory not found: {root}{hint}")
+    if find_idx(root, "train", "images"):
+        return split(IdxImages(root, "train"), val_size, seed)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = image_folder(root / "train", channels), image_folder(root / "val", channels)
+        if train.classes != val.classes:
+            raise DataError(f"{root}/train and {root}/val have different class folders ({len(train.classes)} vs "
+                            f"{len(val.classes)}); give both the same classes")
+        return train, val
+    if any(p.is_dir() for p in root.iterdir()):
+        return split(image_folder(root / "train" if (root / "train").is_dir() else root, channels), val_size, seed)
+    raise DataError(f"{root} is neither an IDX directory (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree (CLASS/img.png)")
+
+
+def split(data: Dataset, val_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A fixed split of one training set: hyperparameters are chosen on the validation part, never on a test split."""
+    if not 1 <= val_size < len(data):
+        raise DataError(f"--val-size {val_size} does not fit the {len(data)} training images: it must leave images to "
+                        f"train on; lower --val-size (e.g. {max(1, len(data) // 10)})")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(data, perm[val_size:]), Subset(data, perm[:val_size])
+
+
+def classes_of(data: Dataset) -> tuple[str, ...] | None:
+    while isinstance(data, Subset):
+        data = data.dataset
+    classes = getattr(data, "classes", None)
+    return tuple(classes) if classes is not None else None
+
+
+class Prepared(Dataset):
+    """`data`'s (image, label) pairs through `transform`; indexed by (index, seed) pairs from `SeededSampler` (the
+    transform's random draws are seeded per image) or by plain indices (no randomness to seed)."""
+
+    def __init__(self, data: Dataset, transform: Callable) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.data[index]
+        where = f"image {index} of the data"
+        if seed is None:
+            return self.transform(image, where), int(label)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image, where), int(label)
+
+
+class SeededSampler(DistributedSampler):
+    """DistributedSampler's shuffle and split among ranks (every world-th index of a permutation drawn from seed and
+    epoch), yielding each index with its augmentation seed, and able to start an epoch `skip` images in (a resumed
+    run). With one process it is the plain seeded shuffle."""
+
+    def __init__(self, data: Dataset, world_size: int, rank: int, seed: int) -> None:
+        super().__init__(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for i, index in enumerate(super().__iter__()):
+            if i >= self.skip:
+                yield index, (base + index) % (2**63 - 1)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def loader(data: Dataset, batch_size: int, *, sampler=None, workers: int = 0, pin_memory: bool = False,
+           drop_last: bool = False) -> DataLoader:
+    """A DataLoader over `data`; its workers' own seeds come from a fixed generator, not from torch's global one,
+    whose state a resumed run restores (and which the model's noise draws from)."""
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=drop_last, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+
+def reraised(batches: DataLoader) -> Iterator:
+    """`batches`, with a spot-compile error raised in a loader worker given back its own one-line message (the
+    DataLoader re-raises it with the worker's traceback as the message)."""
+    try:
+        yield from batches
+    except SpotError as e:
+        text = str(e)
+        if text.startswith("Caught "):
+            last = text.rstrip().splitlines()[-1]
+            raise type(e)(last.split(": ", 1)[-1]) from None
+        raise
+
+
+def as_dataset(data) -> Dataset:
+    """An ImageSet (images already in memory) or any Dataset of (image, label) pairs."""
+    return data if isinstance(data, Dataset) else _ImageSetDataset(data) if isinstance(data, ImageSet) else data
+
+
+class _ImageSetDataset(Dataset):
+    def __init__(self, data: ImageSet) -> None:
+        self.data, self.classes = data, data.classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data.images[i], int(self.data.labels[i])
