@@ -29,10 +29,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a folder of scripts, not installed
 import spot_compile as sc  # noqa: E402
+from recipes.train_dense import augment  # noqa: E402
 from spot_compile.data import FASHION_MNIST_DIR, load_dataset, train_val_split  # noqa: E402
 from spot_compile.predictors import load_predictor_metrics, with_tuned_backbone  # noqa: E402
 from spot_compile.preprocessing import model_normalization  # noqa: E402
-from spot_compile.training import accuracy, augment, batches, cosine_lr  # noqa: E402
+from spot_compile.training import accuracy, batches, cosine_lr  # noqa: E402
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8)

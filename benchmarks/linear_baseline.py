@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset, normalize
+from spot_compile.data import FASHION_MNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_dataset
 
 
 def main() -> None:
     torch.manual_seed(0)
     train, test = (load_dataset(FASHION_MNIST_DIR, split) for split in ("train", "test"))
-    x, x_test = normalize(train.images).flatten(1), normalize(test.images).flatten(1)
+    x, x_test = (((d.images - FMNIST_MEAN) / FMNIST_STD).flatten(1) for d in (train, test))
     linear = torch.nn.Linear(x.shape[1], 10)
     opt = torch.optim.Adam(linear.parameters(), lr=0.01)
     for _ in range(300):

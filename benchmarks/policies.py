@@ -26,8 +26,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a folder of scripts, not installed
 import spot_compile as sc  # noqa: E402
 from recipes.calibrate_shipped import COVERAGE, calibrate_shipped  # noqa: E402
-from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset, normalize  # noqa: E402
+from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from spot_compile.predictors import SIGNALS  # noqa: E402
+from spot_compile.preprocessing import model_normalization  # noqa: E402
 from spot_compile.training import accuracy  # noqa: E402
 from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
 from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
@@ -111,7 +112,7 @@ def main() -> None:
     maps = {}
     for policy in ("spot", "class-attention"):
         sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy=policy, predictors=str(SHIPPED_PREDICTORS) if policy == "spot" else None))
-        maps[policy] = kept_patches(sparse, normalize(images))
+        maps[policy] = kept_patches(sparse, model_normalization(model)(images))
     titles = [FASHION_MNIST_CLASSES[int(y)] for y in test.labels[:6]]
     save_token_maps(images, maps, args.out_dir / "token_maps.png", titles)
     console.print(f"wrote {args.out_dir}/policies.json, policies.md, accuracy_vs_flops.png, token_maps.png")

@@ -240,7 +240,7 @@ def calibrate(
                 # the keep-ratio loss is "ratio_loss" in the log, apart from the keep ratios themselves
                 log.step(step, epoch + 1, {**{k: v for k, v in parts.items() if k != "ratio"}, "ratio_loss": parts["ratio"],
                                            "lr": [g["lr"] for g in opt.param_groups],
-                                           "keep_ratio": {str(s): float(keepers[s].soft_ratio.mean()) for s in stages}})
+                                           "keep_ratio": {str(s): float(keepers[s].soft_ratio.detach().mean()) for s in stages}})
                 if partial and save_every and step % save_every == 0 and step < total:
                     save_partial(epoch, i + 1, sums, n)
             for m in predictors.values():

@@ -160,7 +160,3 @@ def train_val_split(data: ImageSet, val_size: int, seed: int = 0) -> tuple[Image
 
 # Fashion-MNIST's pixel statistics on its training split.
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
-
-def normalize(x: torch.Tensor, mean: float = FMNIST_MEAN, std: float = FMNIST_STD) -> torch.Tensor:
-    return (x - mean) / std

@@ -39,3 +39,31 @@ def compare(model: torch.nn.Module, sparse: torch.nn.Module, data: ImageSet, nor
         same += int((d == s).sum())
     n = len(data)
     return Comparison(n, 100.0 * dense_ok / n, 100.0 * sparse_ok / n, 100.0 * same / n)
+
+
+@dataclass
+class BoxPrecision:
+    precision: float  # % of the kept patch tokens whose centre lies in the object's box
+    box_share: float  # % of all patch tokens whose centre lies in it: what keeping tokens at random would score
+
+    @property
+    def lift(self) -> float:
+        """How many times more often a kept token lies on the object than a token drawn at random."""
+        return self.precision / self.box_share if self.box_share else float("nan")
+
+
+def box_precision(kept: torch.Tensor, boxes: torch.Tensor, patch: int) -> BoxPrecision:
+    """Whether a policy finds the object: `kept` (B, P) bool, the patch tokens alive after a stage (row-major on a
+    square grid of `patch`-pixel patches, as `visualize.kept_patches` gives them); `boxes` (B, 4) the object's
+    top, left, height, width in pixels. Pooled over the batch."""
+    side = int(round(kept.shape[1] ** 0.5))
+    if side * side != kept.shape[1]:
+        raise DataError(f"{kept.shape[1]} patch tokens are not a square grid")
+    centre = torch.arange(side, dtype=torch.float32) * patch + patch / 2
+    top, left, height, width = (boxes[:, i, None].float() for i in range(4))
+    rows = (centre[None] >= top) & (centre[None] < top + height)  # (B, side)
+    cols = (centre[None] >= left) & (centre[None] < left + width)
+    inside = (rows[:, :, None] & cols[:, None, :]).flatten(1)  # (B, P)
+    kept = kept.bool()
+    precision = 100.0 * float((kept & inside).sum()) / max(int(kept.sum()), 1)
+    return BoxPrecision(precision, 100.0 * float(inside.float().mean()))

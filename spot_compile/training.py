@@ -1,4 +1,5 @@
-"""Small training utilities shared by the dense recipe and the predictor calibration."""
+"""Small training utilities shared by the recipes, the benchmarks and the predictor calibration (whose data path and
+augmentation are `streaming`'s)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,6 @@ def batches(data: ImageSet, batch_size: int, shuffle: bool, normalization: Calla
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
         yield normalization(data.images[idx]), data.labels[idx]
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels and horizontal flips (Fashion-MNIST items are left-right symmetric in kind)."""
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    out = padded[:, :, dy : dy + h, dx : dx + w]
-    flip = torch.rand(b, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 def logits_of(output) -> torch.Tensor:

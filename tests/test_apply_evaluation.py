@@ -146,3 +146,21 @@ def test_colour_images_for_a_one_channel_model_are_refused_not_greyed(tmp_path):
     grey = rng.integers(0, 255, (16, 16), dtype=np.uint8)
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "val" / "a" / "colour.png")  # grey, stored as RGB
     assert load_dataset(tmp_path, "val", 16, 1).images.shape == (1, 1, 16, 16)
+
+
+def test_box_precision_counts_kept_patch_centres_inside_the_box():
+    from spot_compile.evaluation import box_precision
+
+    side, patch = 4, 4  # a 16x16 image in 4x4 patches; patch centres at 2, 6, 10, 14
+    boxes = torch.tensor([[0, 0, 8, 8], [8, 4, 8, 12]])  # the top-left 2x2 patches; the bottom two rows minus column 0
+    inside = torch.zeros(2, side, side, dtype=torch.bool)
+    inside[0, :2, :2] = True
+    inside[1, 2:, 1:] = True
+    kept = inside.flatten(1).clone()
+    result = box_precision(kept, boxes, patch)
+    assert result.precision == 100.0 and result.box_share == pytest.approx(100 * (4 + 6) / 32)
+    kept[0, 15] = True  # one more token, outside the first box
+    assert box_precision(kept, boxes, patch).precision == pytest.approx(100 * 10 / 11)
+    everything = torch.ones(2, 16, dtype=torch.bool)
+    every = box_precision(everything, boxes, patch)
+    assert every.precision == pytest.approx(every.box_share) and every.lift == pytest.approx(1.0), "keeping all = the share"
