@@ -128,11 +128,6 @@ def calibrate(
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
-    trained = student
-    if procs.world_size > 1:
-        trained = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    run_student = torch.compile(trained) if compile else trained
-    run_teacher = torch.compile(teacher_graph) if compile and distill else teacher_graph
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
@@ -144,6 +139,11 @@ def calibrate(
         for p in backbone:
             p.requires_grad_(True)
         groups.append({"params": backbone, "base_lr": backbone_lr})
+    trained = student
+    if procs.world_size > 1:  # after requires_grad is set: DDP synchronises only what requires grad when it is built
+        trained = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    run_student = torch.compile(trained) if compile else trained
+    run_teacher = torch.compile(teacher_graph) if compile and distill else teacher_graph
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     sampler = SeededSampler(train, procs.world_size, procs.rank, seed)
     train_loader = loader(train_set, batch_size, sampler=sampler, workers=workers, pin_memory=device.type == "cuda", drop_last=True)
@@ -280,6 +280,7 @@ def calibrate(
         if partial:
             partial.unlink(missing_ok=True)
     procs.barrier()  # no process leaves before the checkpoint is written
+    procs.close()
     return CalibrationResult(ckpt, sparse, history, seconds)
 
 

@@ -163,17 +163,17 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
 
 
 def _evaluation_data(model, data_dir: Path, input_size, limit: int, mean, std):
-    """The labelled images apply evaluates on and their normalisation, read before the slow work."""
+    """The labelled images apply evaluates on (a fixed random subset of `limit`, through the model's eval transform:
+    resize and centre crop as it declares) and their normalisation, read before the slow work."""
     from .capture import example_input
-    from .data import load_dataset
+    from .preprocessing import model_preprocessing, parse_values
+    from .streaming import evaluation_images
 
-    normalization = _normalization(model, mean, std)
-    _, channels, size, _ = example_input(model, input_size).shape
-    normalization.check_channels(channels)
-    split = "val" if (data_dir / "val").is_dir() else "test"
-    data = load_dataset(data_dir, split, size, channels, limit=limit)
-    console.print(f"evaluating on {len(data)} images of {data_dir} ({normalization.describe()})")
-    return data, normalization
+    _, channels, height, width = example_input(model, input_size).shape
+    pre = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"), std=parse_values(std, "--std"))
+    data = evaluation_images(data_dir, pre, limit)
+    console.print(f"evaluating on {len(data)} images of {data_dir} ({pre.describe()})")
+    return data, pre.normalization
 
 
 def _report_evaluation(model, sparse, data, normalization, token_maps: Path | None) -> None:

@@ -47,6 +47,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # joined here (not by the caller): left again by `close`
 
     @property
     def main(self) -> bool:
@@ -62,7 +63,7 @@ class Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank())
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank(), owns_group=True)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """`values` averaged over the processes (the same on every process)."""
@@ -102,3 +103,8 @@ class Processes:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """Leaves the process group if `from_env` joined it; a caller's own group stays theirs."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -211,6 +211,32 @@ def training_datasets(root: str | Path, val_size: int, seed: int = 0, channels: 
     raise DataError(f"{root} is neither an IDX directory (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree (CLASS/img.png)")
 
 
+def evaluation_images(root: str | Path, pre: Preprocessing, limit: int | None = None) -> ImageSet:
+    """The held-out images of `root` (an IDX test split, an ImageFolder `val/` or `test/`, or the tree itself), a
+    fixed random subset of `limit`, resized and centre-cropped as `pre` says but not normalised, in memory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    if find_idx(root, "test", "images"):
+        data = IdxImages(root, "test")
+    else:
+        held_out = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+        if held_out is None and not any(p.is_dir() for p in root.iterdir()):
+            raise DataError(f"{root} is neither an IDX directory (t10k-images-idx3-ubyte.gz ...) nor an ImageFolder tree "
+                            "(val/CLASS/img.png)")
+        data = image_folder(held_out or root, pre.channels)
+    chosen = range(len(data))
+    if limit is not None and limit < len(data):
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit].sort().values.tolist()
+    crop = EvalTransform(pre)
+    images, labels = [], []
+    for i in chosen:
+        image, label = data[i]
+        images.append(crop.resize_crop(to_tensor(image, pre.channels, f"image {i} of {root}")))
+        labels.append(int(label))
+    return ImageSet(torch.stack(images), torch.tensor(labels), classes_of(data) or ())
+
+
 def split(data: Dataset, val_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
     """A fixed split of one training set: hyperparameters are chosen on the validation part, never on a test split."""
     if not 1 <= val_size < len(data):

@@ -31,13 +31,16 @@ def _torchrun(args, nproc=2, timeout=400):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_identical_predictors_and_rank_0_alone_writes(tmp_path):
+@pytest.mark.parametrize("tuned", [False, True], ids=["predictors", "predictors+backbone"])
+def test_two_gloo_processes_train_identical_predictors_and_rank_0_alone_writes(tmp_path, tuned):
     out = tmp_path / "p.pt"
-    run = _torchrun([*_setup(tmp_path), "--batch-size", "4", "--epochs", "2", "--out", str(out), "--save-every", "2"])
+    run = _torchrun([*_setup(tmp_path), "--batch-size", "4", "--epochs", "2", "--out", str(out), "--save-every", "2",
+                     *(["--finetune"] if tuned else [])])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = load_predictor_metrics(out)
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 8
     assert metrics["rank_weight_difference"] == 0.0, "DistributedDataParallel must keep the replicas identical"
+    assert metrics["finetune"] == tuned
     assert run.stdout.count("calibration took") == 1, "rank 0 alone prints"
     assert "on 2 processes" in run.stdout
     steps = [line for line in out.with_suffix(".jsonl").read_text().splitlines() if '"step"' in line]
