@@ -1,6 +1,6 @@
 """Calibration's resident memory against the number of images, and its throughput, this version against an earlier one.
 
-    python benchmarks/calibration_scaling.py --baseline-ref b40ac1d   # writes docs/results/calibration_scaling.{json,md}
+    python benchmarks/calibration_scaling.py --baseline-ref 7f35cc3   # writes docs/results/calibration_scaling.{json,md}
 
 Memory: an ImageFolder tree of N and of 4N Fashion-MNIST training images, drawn as 64x64 RGB PNGs, calibrated
 for the same few steps on the same model (a 64-pixel, 3-channel ViT in a model file; its weights do not matter to
@@ -100,12 +100,16 @@ def main() -> None:
                                                     "--batch-size", "64", "--max-steps", "10", "--no-compile",
                                                     "--out", str(work / "rss.pt")])
                 console.log(f"{name}: {n} images, peak RSS {row[f'rss_mib_{n}']} MiB")
-            out = work / "rate.pt"
-            _, printed = run(code, ["calibrate", str(work / "shipped.py"), "--data", str(FASHION_MNIST_DIR), "--max-steps",
-                                    str(args.steps), "--batch-size", "128", "--finetune", "--backbone-lr", "1e-3",
-                                    "--hidden", "16", "--coverage", "2", "--out", str(out)])
-            row["images_per_s"] = steady_rate(out.with_suffix(".jsonl"), skip=5)
-            console.log(f"{name}: {row['images_per_s']:.1f} images/s")
+            # this checkout: its default (2 loader workers) and the workers off, the baseline's only way
+            for workers in (["2", "0"] if code == ROOT else [None]):
+                out = work / "rate.pt"
+                _, printed = run(code, ["calibrate", str(work / "shipped.py"), "--data", str(FASHION_MNIST_DIR), "--max-steps",
+                                        str(args.steps), "--batch-size", "128", "--finetune", "--backbone-lr", "1e-3",
+                                        "--hidden", "16", "--coverage", "2", "--out", str(out),
+                                        *(["--workers", workers] if workers else [])])
+                key = f"images_per_s_workers_{workers}" if workers else "images_per_s"
+                row[key] = steady_rate(out.with_suffix(".jsonl"), skip=5)
+                console.log(f"{name}: {row[key]:.1f} images/s ({key})")
             rows.append(row)
     finally:
         if tmp is not None:
@@ -118,7 +122,9 @@ def main() -> None:
         table.add_column(c)
     for r in rows:
         r["rss_ratio"] = r[f"rss_mib_{big}"] / r[f"rss_mib_{n}"]
-        cells = [r["version"], str(r[f"rss_mib_{n}"]), str(r[f"rss_mib_{big}"]), f"{r['rss_ratio']:.2f}", f"{r['images_per_s']:.1f}"]
+        rates = " / ".join(f"{v:.1f} ({k.removeprefix('images_per_s').removeprefix('_').replace('_', ' ') or 'in memory'})"
+                           for k, v in r.items() if k.startswith("images_per_s"))
+        cells = [r["version"], str(r[f"rss_mib_{n}"]), str(r[f"rss_mib_{big}"]), f"{r['rss_ratio']:.2f}", rates]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)

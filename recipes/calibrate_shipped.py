@@ -55,7 +55,7 @@ COVERAGE = 2.0
 def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int = HIDDEN, budget: float = 0.6, steps: int = STEPS,
                       data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
                       finetune: bool = True, backbone_lr: float = BACKBONE_LR, token_distill: float = TOKEN_DISTILL, seed: int = 0,
-                      logit_distill: float = LOGIT_DISTILL, coverage: float = COVERAGE, workers: int = 2,
+                      logit_distill: float = LOGIT_DISTILL, coverage: float = COVERAGE, workers: int = 0,
                       device: str | None = "cpu", precision: str = "fp32"):
     # Under torchrun the global batch stays BATCH, shared among the processes, so that the recipe is the same run.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--logit-distill", type=float, default=LOGIT_DISTILL, help="weight of the KL to the dense model's logits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--coverage", type=float, default=COVERAGE, help="weight of the spatial coverage prior on the logits")
-    ap.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    ap.add_argument("--workers", type=int, default=0, help="data loader processes per training process (0: none, the "
+                    "measured best on CPUs)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda (the GPU of each process's local rank) or auto")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()

@@ -229,8 +229,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
                    "from it exactly, also after a kill mid-epoch.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Data loader processes per training process (0: read images in the training process).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader processes per training process (0: read images in the training process). Default: 0 on "
+                   "the CPU (measured: loader processes there take cores from the training threads), else up to 8.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when torch sees one, else the CPU).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 runs the forward passes under autocast (fast on GPUs and on CPUs with AVX512-BF16).")
@@ -244,7 +245,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
-    from .distributed import local_rank, resolve_device
+    from .distributed import default_workers, local_rank, resolve_device
     from .outputs import check_writable_file
     from .predictors import PredictorConfig
     from .preprocessing import model_preprocessing, parse_values
@@ -265,7 +266,8 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing, workers=workers, device=device,
+        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing,
+        workers=default_workers(device) if workers is None else workers, device=device,
         precision=precision)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 

@@ -171,3 +171,14 @@ def test_model_preprocessing_reads_timms_pretrained_cfg_and_the_overrides():
     ours = model_preprocessing(small_vit(), 1, (16, 16), mean=(0.1,), std=(0.2,), augment="none")
     assert ours.augment == "none" and ours.normalization.mean == (0.1,) and ours.crop_pct == 1.0
     assert model_preprocessing(small_vit(), 1, (16, 16)).augment == "shift-flip", "spot-compile's ViT declares its recipe's"
+
+
+def test_crop_box_draws_as_torchvisions_random_resized_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    from spot_compile.streaming import crop_box
+
+    for seed, (h, w) in enumerate([(40, 56), (224, 224), (10, 1000)]):  # no crop of the last fits: the centre fallback
+        torch.manual_seed(seed)  # torchvision draws from the global generator, crop_box from its own: the same stream
+        expected = RandomResizedCrop.get_params(torch.zeros(3, h, w), (0.08, 1.0), (3 / 4, 4 / 3))
+        assert crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed)) == tuple(expected)
