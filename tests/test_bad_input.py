@@ -71,6 +71,23 @@ def _one_line_error(result, message):
     assert message in result.output, result.output
 
 
+def _idx_data(root, count=12, size=16):
+    """An IDX directory of `count` random training images in two classes: calibration data that needs torch alone
+    (an ImageFolder tree needs torchvision, which the oldest-torch run does not install)."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for kind, array in (("images-idx3", rng.integers(0, 256, (count, size, size))), ("labels-idx1", np.arange(count) % 2)):
+        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+        with gzip.open(root / f"train-{kind}-ubyte.gz", "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+    return root
+
+
 def _image_folder(root, count=12, size=16, corrupt=None):
     from PIL import Image
 
@@ -329,7 +346,7 @@ def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, erro
 
 
 def test_more_validation_images_than_training_images_is_one_line(tmp_path):
-    root = _image_folder(tmp_path / "data")
+    root = _idx_data(tmp_path / "data")
     result = CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--data", str(root), "--out",
                                        str(tmp_path / "p.pt")])  # default --val-size 5000 > 12 images
     _one_line_error(result, "--val-size 5000 does not fit the 12 training images")
@@ -337,13 +354,14 @@ def test_more_validation_images_than_training_images_is_one_line(tmp_path):
 
 
 def test_fewer_training_images_than_a_batch_is_one_line(tmp_path):
-    root = _image_folder(tmp_path / "data")
+    root = _idx_data(tmp_path / "data")
     result = CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--data", str(root), "--out",
                                        str(tmp_path / "p.pt"), "--val-size", "2"])  # 10 images, batch 128
     _one_line_error(result, "10 training images are fewer than one batch of 128")
 
 
 def test_a_corrupt_image_is_named(tmp_path):
+    pytest.importorskip("torchvision")  # calibration reads image folders through torchvision's ImageFolder
     # images are read as training reads them, in a loader worker: the error comes back from it as one line
     root = _image_folder(tmp_path / "data", corrupt="broken.png")
     model_file = _write(tmp_path, MODEL_FILE.replace("heads=2)", "heads=2, num_classes=2)"))
@@ -356,7 +374,7 @@ def test_a_corrupt_image_is_named(tmp_path):
 
 
 def _calibrate_into(tmp_path, out):
-    root = _image_folder(tmp_path / "data", count=20)  # two classes: a model with a two-class head
+    root = _idx_data(tmp_path / "data", count=20)  # two classes: a model with a two-class head
     model_file = _write(tmp_path, MODEL_FILE.replace("heads=2)", "heads=2, num_classes=2)"))
     return CliRunner().invoke(main, ["calibrate", model_file, "--data", str(root), "--out", str(out),
                                      "--val-size", "4", "--batch-size", "8", "--max-steps", "1", "--no-compile"])
@@ -438,3 +456,16 @@ def test_the_training_recipe_runs_no_code_from_its_init_checkpoint(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "refuses to unpickle" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_an_image_folder_without_torchvision_is_one_line(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchvision is installed (the oldest-torch run has none)")
+    root = _image_folder(tmp_path / "data")
+    result = CliRunner().invoke(main, ["calibrate", _write(tmp_path, MODEL_FILE), "--data", str(root), "--out",
+                                       str(tmp_path / "p.pt"), "--val-size", "2"])
+    _one_line_error(result, "reading an image folder needs torchvision")
