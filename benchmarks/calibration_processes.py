@@ -13,14 +13,13 @@ sparse model at budget 0.6 on the 10k test images, read once here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from result_table import write_results
 from rich.console import Console
-from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,24 +58,14 @@ def main() -> None:
                      "world_size": metrics.get("world_size", 1), "global_batch": metrics.get("global_batch"),
                      "rank_weight_difference": metrics.get("rank_weight_difference")})
         console.log(rows[-1])
-    table = Table(title="shipped recipe at budget 0.6: one process vs two, same global batch and steps")
-    lines = ["| run | val top-1 % (5k) | test top-1 % (10k) | FLOPs ratio | seconds | weight difference between ranks |",
-             "|---|---|---|---|---|---|"]
-    for c in ("run", "val top-1 %", "test top-1 %", "FLOPs", "s", "rank diff"):
-        table.add_column(c)
-    for r in rows:
-        cells = [r["run"], f"{r['val_top1']:.2f}", f"{r['test_top1']:.2f}", f"{r['flops_ratio']:.3f}", f"{r['seconds']:.0f}",
-                 "-" if r["world_size"] == 1 else f"{r['rank_weight_difference']:g}"]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "calibration_processes.json").write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1))
-    (args.out_dir / "calibration_processes.md").write_text(
-        f"# The shipped recipe on one process and on two\n\n`python benchmarks/calibration_processes.py` on "
-        f"{os.cpu_count()} CPU cores (both calibrations share them: the seconds are not a speed-up measurement).\n\n"
-        + "\n".join(lines) + "\n")
-
+    cells = [[r["run"], f"{r['val_top1']:.2f}", f"{r['test_top1']:.2f}", f"{r['flops_ratio']:.3f}", f"{r['seconds']:.0f}",
+              "-" if r["world_size"] == 1 else f"{r['rank_weight_difference']:g}"] for r in rows]
+    write_results(console, args.out_dir, "calibration_processes",
+                  "shipped recipe at budget 0.6: one process vs two, same global batch and steps",
+                  ["run", "val top-1 % (5k)", "test top-1 % (10k)", "FLOPs ratio", "seconds", "weight difference between ranks"],
+                  cells, f"# The shipped recipe on one process and on two\n\n`python benchmarks/calibration_processes.py` on "
+                  f"{os.cpu_count()} CPU cores (both calibrations share them: the seconds are not a speed-up measurement).",
+                  {"cores": os.cpu_count(), "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from result_table import write_results
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,26 +115,19 @@ def main() -> None:
         if tmp is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp)], capture_output=True)
     n, big = args.images, 4 * args.images
-    table = Table(title=f"calibration: peak RSS with {n} vs {big} images (64x64 RGB), throughput of the shipped recipe")
-    lines = [f"| version | peak RSS, {n} images (MiB) | peak RSS, {big} images (MiB) | ratio 4x/1x | shipped recipe images/s |",
-             "|---|---|---|---|---|"]
-    for c in ("version", f"RSS {n} (MiB)", f"RSS {big} (MiB)", "ratio", "images/s"):
-        table.add_column(c)
+    cells = []
     for r in rows:
         r["rss_ratio"] = r[f"rss_mib_{big}"] / r[f"rss_mib_{n}"]
         rates = " / ".join(f"{v:.1f} ({k.removeprefix('images_per_s').removeprefix('_').replace('_', ' ') or 'in memory'})"
                            for k, v in r.items() if k.startswith("images_per_s"))
-        cells = [r["version"], str(r[f"rss_mib_{n}"]), str(r[f"rss_mib_{big}"]), f"{r['rss_ratio']:.2f}", rates]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "calibration_scaling.json").write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1))
-    (args.out_dir / "calibration_scaling.md").write_text(
-        f"# Calibration: memory against data size, and throughput\n\n`python benchmarks/calibration_scaling.py"
-        f"{' --baseline-ref ' + args.baseline_ref if args.baseline_ref else ''}` on {os.cpu_count()} CPU cores.\n\n"
-        + "\n".join(lines) + "\n")
-
+        cells.append([r["version"], str(r[f"rss_mib_{n}"]), str(r[f"rss_mib_{big}"]), f"{r['rss_ratio']:.2f}", rates])
+    write_results(console, args.out_dir, "calibration_scaling",
+                  f"calibration: peak RSS with {n} vs {big} images (64x64 RGB), throughput of the shipped recipe",
+                  ["version", f"peak RSS, {n} images (MiB)", f"peak RSS, {big} images (MiB)", "ratio 4x/1x",
+                   "shipped recipe images/s"], cells,
+                  f"# Calibration: memory against data size, and throughput\n\n`python benchmarks/calibration_scaling.py"
+                  f"{' --baseline-ref ' + args.baseline_ref if args.baseline_ref else ''}` on {os.cpu_count()} CPU cores.",
+                  {"cores": os.cpu_count(), "rows": rows})
 
 if __name__ == "__main__":
     main()

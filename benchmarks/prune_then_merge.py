@@ -11,13 +11,12 @@ the first, `insert_merging`. Same shipped backbone, same budgets, no training, t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from result_table import write_results
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
@@ -68,21 +67,12 @@ def main() -> None:
             rows.append({"policy": policy, "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
                          "top1": accuracy(sparse, test), "tokens": [s.tokens_out for s in sparse.plan.stages]})
             console.log(rows[-1])
-    table = Table(title=f"prune then merge vs merge, {len(test)} test images, no training")
-    lines = ["| policy | budget | FLOPs ratio | top-1 % | tokens per stage |", "|---|---|---|---|---|"]
-    for c in ("policy", "budget", "FLOPs ratio", "top-1 %", "tokens per stage"):
-        table.add_column(c)
-    for r in rows:
-        cells = [r["policy"], str(r["budget"]), f"{r['flops_ratio']:.3f}", f"{r['top1']:.2f}", " -> ".join(map(str, r["tokens"]))]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "prune_then_merge.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
-    (args.out_dir / "prune_then_merge.md").write_text(
-        f"Shipped model, Fashion-MNIST test split, no training; `python benchmarks/prune_then_merge.py`, {time.strftime('%Y-%m-%d')}.\n\n"
-        + "\n".join(lines) + "\n")
-
+    cells = [[r["policy"], str(r["budget"]), f"{r['flops_ratio']:.3f}", f"{r['top1']:.2f}", " -> ".join(map(str, r["tokens"]))]
+             for r in rows]
+    write_results(console, args.out_dir, "prune_then_merge", f"prune then merge vs merge, {len(test)} test images, no training",
+                  ["policy", "budget", "FLOPs ratio", "top-1 %", "tokens per stage"], cells,
+                  f"Shipped model, Fashion-MNIST test split, no training; `python benchmarks/prune_then_merge.py`, "
+                  f"{time.strftime('%Y-%m-%d')}.", {"date": time.strftime("%Y-%m-%d"), "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from .capture import capture, clone_graph_module, example_input
 from .checkpoints import fingerprint, load_tensors
 from .config import SparsifyConfig
 from .data import ImageSet
-from .distributed import Processes, local_rank, resolve_device
+from .distributed import Processes, default_workers, local_rank, resolve_device
 from .errors import CheckpointError, DataError, UsageError, first_line
 from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
@@ -63,7 +63,7 @@ def calibrate(
     max_steps: int | None = None, seed: int = 0, out: Path | None = None, console: Console | None = None,
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
-    preprocessing: Preprocessing | None = None, workers: int = 0, device: str | torch.device | None = "cpu",
+    preprocessing: Preprocessing | None = None, workers: int | None = None, device: str | torch.device | None = "cpu",
     precision: str = "fp32",
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
@@ -71,7 +71,7 @@ def calibrate(
     `train` and `val` are Datasets of (image, label) pairs, images as PIL images or [0, 1] tensors (`streaming`
     reads IDX directories and ImageFolder trees so), or in-memory `ImageSet`s. They go through the model's own
     preprocessing (`preprocessing.model_preprocessing`: normalisation, resize and crop, and the declared training
-    augmentation, printed at the start), with `workers` loader processes.
+    augmentation, printed at the start), with `workers` loader processes (default: `distributed.default_workers`).
 
     Under torchrun (`torchrun --nproc-per-node N -m spot_compile calibrate ...`, or a process group the caller
     joined), the student trains under DistributedDataParallel: `batch_size` is per process, the global batch is
@@ -90,6 +90,7 @@ def calibrate(
     schedule, the epoch's shuffle and position, every process's random generators), also when it was killed mid-epoch.
     """
     device = resolve_device(device, local_rank())
+    workers = default_workers(device) if workers is None else workers
     procs = Processes.from_env(device)
     console = console or Console()
     if not procs.main:

@@ -245,7 +245,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
-    from .distributed import default_workers, local_rank, resolve_device
+    from .distributed import local_rank, resolve_device
     from .outputs import check_writable_file
     from .predictors import PredictorConfig
     from .preprocessing import model_preprocessing, parse_values
@@ -266,8 +266,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing,
-        workers=default_workers(device) if workers is None else workers, device=device,
+        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing, workers=workers, device=device,
         precision=precision)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 

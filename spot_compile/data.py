@@ -151,11 +151,18 @@ def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int
 
 def train_val_split(data: ImageSet, val_size: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """A fixed split of the training set: hyperparameters are chosen on `val`, never on the test split."""
-    if not 1 <= val_size < len(data):
-        raise DataError(f"--val-size {val_size} does not fit the {len(data)} training images: it must leave images to "
-                        f"train on; lower --val-size (e.g. {max(1, len(data) // 10)})")
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(perm[val_size:]), data.subset(perm[:val_size])
+    train, val = split_indices(len(data), val_size, seed)
+    return data.subset(train), data.subset(val)
+
+
+def split_indices(n: int, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of a fixed random split of `n` training images, the same for the in-memory and the
+    streaming data paths, so that their results compare."""
+    if not 1 <= val_size < n:
+        raise DataError(f"--val-size {val_size} does not fit the {n} training images: it must leave images to "
+                        f"train on; lower --val-size (e.g. {max(1, n // 10)})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
 
 
 # Fashion-MNIST's pixel statistics on its training split.

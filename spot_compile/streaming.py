@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ImageSet, find_idx, in_colour, read_idx
+from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ImageSet, find_idx, in_colour, read_idx, split_indices
 from .errors import DataError, SpotError, first_line
 from .preprocessing import Preprocessing
 
@@ -68,9 +68,6 @@ class EvalTransform:
 
     def __init__(self, pre: Preprocessing) -> None:
         self.pre = pre
-        # made once: building them per image cost more than the rest of the transform
-        self.mean = torch.tensor(pre.normalization.mean)[:, None, None]
-        self.std = torch.tensor(pre.normalization.std)[:, None, None]
 
     def resize_crop(self, t: torch.Tensor) -> torch.Tensor:
         h, w = self.pre.input_size
@@ -84,11 +81,8 @@ class EvalTransform:
         top, left = round((size[0] - h) / 2), round((size[1] - w) / 2)
         return t[:, top : top + h, left : left + w]
 
-    def normalize(self, t: torch.Tensor) -> torch.Tensor:
-        return (t - self.mean) / self.std
-
     def __call__(self, image, where: str = "an image", generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.normalize(self.resize_crop(to_tensor(image, self.pre.channels, where)))
+        return self.pre.normalization(self.resize_crop(to_tensor(image, self.pre.channels, where)))
 
 
 class TrainTransform(EvalTransform):
@@ -119,7 +113,7 @@ class TrainTransform(EvalTransform):
                 t = shift(t, 2, generator)
         if self.pre.augment != "none" and torch.rand((), generator=generator) < 0.5:
             t = t.flip(-1)
-        return self.normalize(t)
+        return self.pre.normalization(t)
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -270,12 +264,10 @@ def evaluation_images(root: str | Path, pre: Preprocessing, limit: int | None = 
 
 
 def split(data: Dataset, val_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """A fixed split of one training set: hyperparameters are chosen on the validation part, never on a test split."""
-    if not 1 <= val_size < len(data):
-        raise DataError(f"--val-size {val_size} does not fit the {len(data)} training images: it must leave images to "
-                        f"train on; lower --val-size (e.g. {max(1, len(data) // 10)})")
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(data, perm[val_size:]), Subset(data, perm[:val_size])
+    """A fixed split of one training set (`data.split_indices`): hyperparameters are chosen on the validation part,
+    never on a test split."""
+    train, val = split_indices(len(data), val_size, seed)
+    return Subset(data, train.tolist()), Subset(data, val.tolist())
 
 
 def classes_of(data: Dataset) -> tuple[str, ...] | None:
@@ -348,7 +340,7 @@ def reraised(batches: DataLoader) -> Iterator:
 
 def as_dataset(data) -> Dataset:
     """An ImageSet (images already in memory) or any Dataset of (image, label) pairs."""
-    return data if isinstance(data, Dataset) else _ImageSetDataset(data) if isinstance(data, ImageSet) else data
+    return _ImageSetDataset(data) if isinstance(data, ImageSet) else data
 
 
 class _ImageSetDataset(Dataset):
