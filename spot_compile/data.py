@@ -1,4 +1,5 @@
-"""Image classification data from disk: IDX files (the MNIST family) or an ImageFolder tree.
+"""Image classification data in memory: IDX files (the MNIST family) decoded into one tensor, the split rule, and the
+checks every data path shares (ImageFolder trees stream through `streaming`).
 
 Nothing is downloaded: Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, first_line
+from .errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -86,39 +87,6 @@ def load_idx_split(root: Path, split: str) -> ImageSet:
     return ImageSet(x, y, classes)
 
 
-def load_image_folder(root: Path, split: str, img_size: int, channels: int, limit: int | None = None) -> ImageSet:
-    """`root/split/CLASS/*.png|jpg` (or `root/CLASS/...` for a single split); with `limit`, a fixed random subset of
-    that many files, chosen before any is decoded."""
-    from PIL import Image
-
-    base = root / split if (root / split).is_dir() else root
-    class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise DataError(f"{base} has no class folders; expected ImageFolder layout {root}/{split}/CLASS/image.png")
-    mode = "L" if channels == 1 else "RGB"
-    files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir())
-             if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}]
-    if limit is not None and limit < len(files):
-        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit].sort().values
-        files = [files[i] for i in chosen]
-    xs, ys = [], []
-    for f, label in files:
-        try:
-            img = Image.open(f)
-            if channels == 1 and in_colour(img):  # greying it silently would feed the model other data than it knows
-                raise DataError(f"{f} is a colour image but the model takes 1 channel; convert the data to greyscale or "
-                                "use a model with 3 input channels")
-            img = img.convert(mode).resize((img_size, img_size))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {f} ({first_line(e)}); remove or replace the file") from None
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        xs.append(torch.from_numpy(arr.reshape(img_size, img_size, channels)).permute(2, 0, 1))
-        ys.append(label)
-    if not xs:
-        raise DataError(f"{base} has class folders but no images (.png/.jpg/.bmp)")
-    return ImageSet(torch.stack(xs), torch.tensor(ys), tuple(d.name for d in class_dirs))
-
-
 def in_colour(img) -> bool:
     """Whether a PIL image has colour: an RGB file whose channels all agree is grey in all but its format."""
     if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
@@ -128,8 +96,9 @@ def in_colour(img) -> bool:
 
 
 def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int = 1, limit: int | None = None) -> ImageSet:
-    """Loads `split` ("train" or "test"; "val" for a folder that has one) from an IDX directory or an ImageFolder tree;
-    with `limit`, a fixed random subset of that many images."""
+    """Loads `split` ("train" or "test") of an IDX directory into memory, resized to `img_size` if need be; with
+    `limit`, a fixed random subset of that many images. (ImageFolder trees are read by `streaming`: torchvision's
+    ImageFolder, file by file.)"""
     root = Path(root)
     if not root.is_dir():
         hint = " (install it with: apt-get install dataset-fashion-mnist)" if root == FASHION_MNIST_DIR else ""
@@ -139,7 +108,8 @@ def load_dataset(root: str | Path, split: str, img_size: int = 28, channels: int
         if limit is not None and limit < len(data):
             data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit].sort().values)
     elif any(p.is_dir() for p in root.iterdir()):
-        data = load_image_folder(root, split, img_size, channels, limit)
+        raise DataError(f"{root} is an ImageFolder tree; this reads IDX directories into memory: read a tree with "
+                        "spot_compile.streaming (training_datasets, evaluation_images)")
     else:
         raise DataError(f"{root} is neither an IDX directory (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree (CLASS/img.png)")
     if data.images.shape[1] != channels:

@@ -11,7 +11,9 @@ from rich.table import Table
 from .api import sparsify
 from .bench import quick_latency
 from .config import SparsifyConfig
-from .data import FASHION_MNIST_DIR, load_dataset
+from .data import FASHION_MNIST_DIR, find_idx, load_dataset
+from .preprocessing import model_preprocessing
+from .streaming import evaluation_images
 from .timing import median_pair
 from .training import accuracy
 from .zoo import SHIPPED_PREDICTORS, load_shipped_model
@@ -19,7 +21,10 @@ from .zoo import SHIPPED_PREDICTORS, load_shipped_model
 
 def run_demo(console: Console, budget: float = 0.6, data: Path | None = None, limit: int = 0) -> dict:
     model, metrics = load_shipped_model()
-    test = load_dataset(data or FASHION_MNIST_DIR, "test", model.cfg.img_size, model.cfg.in_chans)
+    if data is None or find_idx(Path(data), "test", "images"):
+        test = load_dataset(data or FASHION_MNIST_DIR, "test", model.cfg.img_size, model.cfg.in_chans)
+    else:  # an ImageFolder tree: its val/ or test/ split, read as the model's eval transform says
+        test = evaluation_images(data, model_preprocessing(model, model.cfg.in_chans, (model.cfg.img_size,) * 2))
     if limit:
         test = test.subset(torch.arange(min(limit, len(test))))
     # merge: the default, training-free; class attention: the pruning peer; spot: the calibrated predictors

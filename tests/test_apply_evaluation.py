@@ -10,11 +10,11 @@ from PIL import Image
 
 import spot_compile as sc
 from spot_compile.cli import main
-from spot_compile.data import load_dataset
 from spot_compile.errors import DataError
 from spot_compile.evaluation import compare
 from spot_compile.models.vit import ViT
-from spot_compile.preprocessing import model_normalization
+from spot_compile.preprocessing import Normalization, Preprocessing, model_normalization, model_preprocessing
+from spot_compile.streaming import evaluation_images
 
 from .conftest import small_vit
 
@@ -74,7 +74,7 @@ def test_apply_reports_dense_and_sparse_top1_and_agreement_on_the_users_images(t
 
     model = ViT(img_size=16, patch_size=2, dim=32, depth=4, heads=2).eval()
     sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="class-attention"))
-    images = load_dataset(data, "val", 16, 1)
+    images = evaluation_images(data, model_preprocessing(model, 1, (16, 16)))
     want = compare(model, sparse, images, model_normalization(model))
     assert _evaluation_row(result.output) == [f"{want.dense_top1:.2f}", f"{want.sparse_top1:.2f}", f"{want.sparse_top1 - want.dense_top1:+.2f}",
                      f"{want.agreement:.2f}"]
@@ -140,12 +140,16 @@ def test_colour_images_for_a_one_channel_model_are_refused_not_greyed(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "val" / "a" / "colour.png")
+    def read(channels):
+        return evaluation_images(tmp_path, Preprocessing(Normalization((0.5,) * channels, (0.5,) * channels, "test"),
+                                                         (16, 16), channels))
+
     with pytest.raises(DataError, match="colour.png is a colour image but the model takes 1 channel"):
-        load_dataset(tmp_path, "val", 16, 1)
-    assert load_dataset(tmp_path, "val", 16, 3).images.shape == (1, 3, 16, 16)
+        read(1)
+    assert read(3).images.shape == (1, 3, 16, 16)
     grey = rng.integers(0, 255, (16, 16), dtype=np.uint8)
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "val" / "a" / "colour.png")  # grey, stored as RGB
-    assert load_dataset(tmp_path, "val", 16, 1).images.shape == (1, 1, 16, 16)
+    assert read(1).images.shape == (1, 1, 16, 16)
 
 
 def test_box_precision_counts_kept_patch_centres_inside_the_box():

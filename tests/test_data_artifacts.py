@@ -44,6 +44,9 @@ def test_missing_and_corrupt_data(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="neither an IDX directory"):
         load_dataset(tmp_path / "empty", "test")
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="is an ImageFolder tree; .* read a tree with spot_compile.streaming"):
+        load_dataset(tmp_path / "tree", "test")
     d = _idx_dir(tmp_path / "d") if (tmp_path / "d").mkdir() is None else None
     raw = gzip.open(d / "t10k-images-idx3-ubyte.gz").read()
     gzip.open(d / "t10k-images-idx3-ubyte.gz", "wb").write(raw[:-10])

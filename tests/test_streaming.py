@@ -15,6 +15,7 @@ from spot_compile.streaming import (
     Prepared,
     SeededSampler,
     TrainTransform,
+    draws,
     loader,
     reraised,
     training_datasets,
@@ -142,6 +143,32 @@ def test_augmentation_depends_on_seed_epoch_and_index_alone(augment):
     assert not all(torch.equal(a, (x - 0.5) / 0.25) for a, (x, _) in zip(first, [data[i] for i, _ in items])), "it augments"
     with_workers = [x for xs, _ in loader(prepared, 4, sampler=sampler, workers=2) for x in xs]
     assert all(torch.equal(a, b) for a, b in zip(first, with_workers)), "the same images whatever the number of workers"
+    torch.manual_seed(7)
+    unseeded = TrainTransform(pre)(data[0][0])
+    torch.manual_seed(7)
+    assert torch.equal(unseeded, TrainTransform(pre)(data[0][0])), "without a seed it draws one from torch's generator"
+
+
+@pytest.mark.parametrize("augment", ["shift-flip", "none"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_batch_is_transformed_as_its_images_are_one_by_one(augment, channels):
+    images = [(torch.rand(28, 28) * 255).to(torch.uint8) for _ in range(32)]
+    data = [(img, i % 3) for i, img in enumerate(images)]
+    norm = Normalization((0.5,) * channels, (0.25,) * channels, "test")
+    pre = Preprocessing(norm, (28, 28), channels, augment=augment)
+    sampler = SeededSampler(data, 1, 0, seed=3)
+    sampler.start(epoch=1)
+    items = list(sampler)
+    for transform in (TrainTransform(pre), EvalTransform(pre)):
+        assert transform.batch([img for img, _ in data], [s for _, s in items]) is not None, "IDX images go batch-wise"
+        batched = Prepared(data, transform).__getitems__(items)
+        alone = [Prepared(data, transform, batched=False)[item] for item in items]
+        assert [y for _, y in batched] == [y for _, y in alone]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batched, alone))
+    shifts = {draws(seed)[:2] for _, seed in items}
+    assert len(shifts) > 10 and {f for _, s in items for f in [draws(s)[2]]} == {True, False}, "the draws vary"
+    resized = Preprocessing(norm, (20, 20), channels, augment=augment)
+    assert TrainTransform(resized).batch(images, [0] * 32) is None, "a resize goes image by image"
 
 
 def test_two_processes_batches_together_are_one_processs_batch_and_resume_skips_exactly():

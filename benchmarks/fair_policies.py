@@ -1,0 +1,329 @@
+"""Every token policy on equal terms: the same backbone, the same fine-tune, the same stages, the same FLOPs.
+
+    python recipes/cluttered_fmnist.py                                  # the cluttered data, once (~1 min)
+    python benchmarks/fair_policies.py --dataset cluttered              # -> docs/results/fair_cluttered.{json,md,png}
+    python benchmarks/fair_policies.py --dataset fmnist                 # the shipped model's table, made fair
+
+Each arm starts from the same dense backbone and gets the same fine-tune: `--steps` steps of `--batch` images of the
+training split (5k held out for validation; the test split is never seen), AdamW at `--backbone-lr` with warm-up and
+cosine decay, cross-entropy + 0.5 KL to the frozen dense model, the model's own augmentation, at `--tune-budget`.
+The training-free policies (random, class attention with and without fusing, merging) are tuned through the very
+sparse graph `sparsify` makes for them (it shares the model's parameters, and its token ops are plain torch, so the
+gradient flows through the kept tokens); the SPOT arms through the calibration graph (`calibrate(finetune=True)`,
+straight-through top-k), which trains their predictors in the same steps. "coverage" is the SPOT arm with a prior
+weight (1e4) that outweighs every logit: a fixed farthest-point thinning, tuned the same way. The control is the
+same fine-tune without pruning. Every drop policy reduces in front of the same blocks (`--stages`); merging runs as
+ToMe ships, in front of every block, and is tuned at the lowest budget of `--budgets` it can reach when the tune budget
+is below what it can reach (bipartite merging removes at most half the tokens a block). A budget a policy cannot reach
+is reported as such.
+
+Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
+ratio reached (FlopCounterMode), and, where the data has object boxes (the cluttered set), the kept-token box
+precision after the last stage against the box's share of the tokens (policies that drop tokens). Tuned arms are
+cached in `--run-dir` (a rerun skips them), so a long run can be stopped and continued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ and recipes/ are folders of scripts
+import spot_compile as sc  # noqa: E402
+from benchmarks.result_table import write_results  # noqa: E402
+from spot_compile.calibration import calibrate  # noqa: E402
+from spot_compile.capture import capture, example_input  # noqa: E402
+from spot_compile.checkpoints import load_tensors  # noqa: E402
+from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset  # noqa: E402
+from spot_compile.errors import BudgetError  # noqa: E402
+from spot_compile.evaluation import box_precision  # noqa: E402
+from spot_compile.models.vit import ViT, ViTConfig  # noqa: E402
+from spot_compile.outputs import save_atomically  # noqa: E402
+from spot_compile.policies import policy_class  # noqa: E402
+from spot_compile.predictors import SIGNALS, PredictorConfig, load_predictor_metrics  # noqa: E402
+from spot_compile.preprocessing import model_normalization, model_preprocessing  # noqa: E402
+from spot_compile.streaming import Prepared, SeededSampler, TrainTransform, loader, training_datasets  # noqa: E402
+from spot_compile.training import accuracy, cosine_lr, logits_of  # noqa: E402
+from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
+from spot_compile.zoo import ASSETS, SHIPPED_MODEL  # noqa: E402
+
+DATASETS = {  # name -> (model checkpoint, data directory)
+    "cluttered": (ASSETS / "cluttered_fmnist_vit.pt", Path("runs/cluttered-fmnist")),
+    "fmnist": (SHIPPED_MODEL, FASHION_MNIST_DIR),
+}
+BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.8)
+# Stages for the 6-block models: the default 1/4, 1/2, 3/4 of the depth (blocks 2, 3, 4) leaves two dense blocks, a third of
+# the FLOPs, so 0.3 is out of reach and 0.4 keeps (56, 16, 4) tokens; from block 1 on, class attention keeps
+# (82, 34, 14) at 0.3 and (113, 66, 38) at 0.4 (of 196).
+STAGES = (1, 2, 4)
+COVERAGE_ONLY = 1e4  # prior weight that drowns the predictors' O(1) logits: the selection is the fixed thinning
+# The shipped calibration recipe's settings (recipes/calibrate_shipped.py), shared by every arm where they apply.
+BATCH, BACKBONE_LR, PREDICTOR_LR, NOISE, HIDDEN, RECIPE_COVERAGE, LOGIT_DISTILL = 128, 1e-3, 3e-3, 0.3, 16, 2.0, 0.5
+
+
+@dataclass(frozen=True)
+class Arm:
+    policy: str | None  # None: the no-pruning control
+    fuse: bool = False
+    every_block: bool = False  # merging as ToMe ships it, in front of every block
+    coverage: float = 0.0  # SPOT arms: weight of the coverage prior
+    signals: tuple[str, ...] = SIGNALS
+
+    @property
+    def spot(self) -> bool:
+        return self.policy == "spot"
+
+
+ARMS = {
+    "no pruning": Arm(None),
+    "spot": Arm("spot"),
+    "spot + coverage": Arm("spot", coverage=RECIPE_COVERAGE),
+    "coverage": Arm("spot", coverage=COVERAGE_ONLY),
+    "random": Arm("random"),
+    "class-attention": Arm("class-attention"),
+    "class-attention + fuse": Arm("class-attention", fuse=True),
+    "merge": Arm("merge", every_block=True),
+    **{f"spot -{s}": Arm("spot", signals=tuple(x for x in SIGNALS if x != s)) for s in SIGNALS},
+}
+DEFAULT_ARMS = [a for a in ARMS if not a.startswith("spot -")]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def load_model(path: Path) -> ViT:
+    ckpt = load_tensors(path)
+    model = ViT(ViTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def sparse_config(arm: Arm, budget: float, stages: tuple[int, ...], predictors: Path | None) -> sc.SparsifyConfig:
+    return sc.SparsifyConfig(budget=budget, policy=arm.policy, fuse_pruned=arm.fuse,
+                             stages=None if arm.spot or arm.every_block else stages,
+                             predictors=str(predictors) if arm.spot else None)
+
+
+def tune_through(graph: torch.nn.Module, model: torch.nn.Module, train, steps: int, lr: float, seed: int,
+                 compile: bool, console: Console) -> None:
+    """The fine-tune every training-free arm gets: `graph` (a sparse or dense graph sharing `model`'s parameters)
+    trained for `steps` steps with the calibration recipe's loss, schedule and optimizer, against a frozen copy of
+    `model` as it came in."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    run, run_teacher = (torch.compile(graph), torch.compile(teacher)) if compile else (graph, teacher)
+    channels, size = model.cfg.in_chans, (model.cfg.img_size, model.cfg.img_size)
+    data = Prepared(train, TrainTransform(model_preprocessing(model, channels, size)))
+    sampler = SeededSampler(train, 1, 0, seed)
+    batches = loader(data, BATCH, sampler=sampler, drop_last=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    torch.manual_seed(seed)
+    step, epoch, t0 = 0, 0, time.time()
+    graph.train()
+    with progress_bar(console) as progress:
+        task = progress.add_task("tuning", total=steps)
+        while step < steps:
+            sampler.start(epoch)
+            for x, y in batches:
+                if step >= steps:
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, steps, warmup=max(1, steps // 20), base=lr)
+                with torch.no_grad():
+                    target = logits_of(run_teacher(x)).float()
+                logits = logits_of(run(x)).float()
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+                loss = F.cross_entropy(logits, y) + LOGIT_DISTILL * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                rate = (time.time() - t0) / step
+                progress.update(task, advance=1, description=f"tuning, loss {loss.item():.3f}, {rate:.2f} s/step")
+            epoch += 1
+    graph.eval()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
+def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console: Console) -> tuple[Path, float]:
+    """Fine-tunes one arm (or finds it cached): the path of what it made (a model or a predictor checkpoint), and
+    the seconds its fine-tune took, compile included."""
+    out = args.run_dir / f"{slug(name)}.pt"
+    if out.is_file():
+        metrics = load_predictor_metrics(out) if arm.spot else load_tensors(out)["metrics"]
+        return out, float(metrics["seconds"])
+    console.rule(f"fine-tuning: {name}")
+    model = load_model(base)
+    train, val = training_datasets(data, 5000, channels=model.cfg.in_chans)
+    t0 = time.time()
+    if arm.spot:
+        epochs = -(-args.steps // (len(train) // BATCH))
+        calibrate(model, train, val, args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps, batch_size=BATCH,
+                  lr=PREDICTOR_LR, predictor=PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage),
+                  noise=NOISE, finetune=True, backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=out,
+                  console=console, compile=args.compile, workers=0)
+        return out, time.time() - t0
+    if arm.policy is None:
+        graph = capture(model, example_input(model, None))
+    else:
+        graph = None
+        for budget in sorted({args.tune_budget, *[b for b in args.budget_list if b > args.tune_budget]}):
+            try:
+                graph = sc.sparsify(model, sparse_config(arm, budget, stages, None)).graph_module
+                break
+            except BudgetError as e:
+                console.print(f"{name}: {e}")
+        if graph is None:
+            raise SystemExit(f"error: {name} reaches none of the budgets")
+    shared = {p.data_ptr() for p in graph.parameters()}
+    assert all(p.data_ptr() in shared for p in model.parameters()), "the graph must train the model's own parameters"
+    tune_through(graph, model, train, args.steps, args.backbone_lr, 0, args.compile, console)
+    seconds = time.time() - t0
+    save_atomically({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                     "metrics": {"seconds": seconds, "steps": args.steps, "tune_budget": args.tune_budget}}, out, "--run-dir")
+    return out, seconds
+
+
+def boxes_of(data: Path) -> torch.Tensor | None:
+    path = data / "t10k-boxes.npy"
+    return torch.from_numpy(np.load(path)) if path.is_file() else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="cluttered")
+    ap.add_argument("--model", type=Path, help="dense backbone checkpoint (default: the dataset's shipped one)")
+    ap.add_argument("--data", type=Path, help="IDX directory (default: the dataset's)")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--stages", default=",".join(map(str, STAGES)), help="blocks the drop policies reduce in front of")
+    ap.add_argument("--tune-budget", type=float, default=0.4, help="the budget every arm is fine-tuned at")
+    ap.add_argument("--steps", type=int, default=429, help="fine-tune steps per arm (429: one epoch, the shipped recipe)")
+    ap.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
+    ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
+    ap.add_argument("--precision-images", type=int, default=2000, help="test images the box precision is measured on")
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--name", help="results file stem (default: fair_<dataset>)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager fine-tunes (for a quick check)")
+    args = ap.parse_args()
+    console = Console()
+    base, data = DATASETS[args.dataset]
+    base, data = args.model or base, args.data or data
+    args.run_dir = args.run_dir or Path("runs/fair") / f"{args.dataset}-{args.steps}steps-tuned{args.tune_budget:g}"
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    budgets = args.budget_list = tuple(float(b) for b in args.budgets.split(","))
+    if not base.is_file():
+        raise SystemExit(f"error: no dense model at {base}; train it with recipes/train_dense.py (see its docstring)")
+    model = load_model(base)
+    stages = tuple(int(b) for b in args.stages.split(","))
+    test = load_dataset(data, "test", model.cfg.img_size, model.cfg.in_chans)
+    boxes = boxes_of(data)
+    if args.limit:
+        test, boxes = test.subset(torch.arange(args.limit)), None if boxes is None else boxes[: args.limit]
+    normalize = model_normalization(model)
+    probe = normalize(test.images[: args.precision_images])
+    dense_top1 = accuracy(model, test)
+
+    tuned = {name: tune_arm(name, ARMS[name], base, data, stages, args, console) for name in names}
+    rows, maps = [], {}
+    with progress_bar(console) as progress:
+        task = progress.add_task("evaluating", total=sum(1 if ARMS[n].policy is None else len(budgets) for n in names))
+        for name in names:
+            arm, (path, seconds) = ARMS[name], tuned[name]
+            backbone = model if arm.spot else load_model(path)
+            for budget in ((1.0,) if arm.policy is None else budgets):
+                torch.manual_seed(0)  # the random policy draws from the global generator
+                if arm.policy is None:
+                    net, ratio, kept = backbone, 1.0, None
+                else:
+                    try:
+                        sparse = sc.sparsify(backbone, sparse_config(arm, budget, stages, path))
+                    except BudgetError:
+                        rows.append({"arm": name, "budget": budget, "reachable": False, "tune_seconds": seconds})
+                        progress.advance(task)
+                        continue
+                    net, ratio = sparse, sparse.plan.flops_ratio
+                    drops = policy_class(arm.policy).reduction == "drop" and not arm.fuse
+                    kept = kept_patches(sparse, probe) if drops else None
+                row = {"arm": name, "budget": budget, "flops_ratio": ratio, "top1": accuracy(net, test),
+                       "tune_seconds": seconds}
+                if kept is not None and boxes is not None:
+                    bp = box_precision(kept[-1], boxes[: len(probe)], model.cfg.patch_size)
+                    row.update(box_precision=bp.precision, box_share=bp.box_share, lift=bp.lift)
+                if kept is not None and abs(budget - args.tune_budget) < 1e-9:
+                    maps[name] = [m[:6] for m in kept]
+                rows.append(row)
+                progress.advance(task)
+    report(rows, names, budgets, dense_top1, maps, test, args, console, len(test))
+
+
+def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) -> None:
+    name = args.name or f"fair_{args.dataset}"
+    cells = []
+    for arm in names:
+        mine = {r["budget"]: r for r in rows if r["arm"] == arm}
+        line = [arm]
+        for b in (*budgets, 1.0):
+            r = mine.get(b)
+            if r is not None and not r.get("reachable", True):
+                line.append("out of reach")
+                continue
+            text = "-" if r is None else f"{r['top1']:.2f}% @ {r['flops_ratio']:.3f}"
+            if r is not None and "box_precision" in r:
+                text += f" (box {r['box_precision']:.0f}%, x{r['lift']:.2f})"
+            line.append(text)
+        line.append(f"{next(r['tune_seconds'] for r in rows if r['arm'] == arm):.0f}")
+        cells.append(line)
+    share = next((r["box_share"] for r in rows if "box_share" in r), None)
+    preamble = (f"Top-1 on {n_test} held-out {args.dataset} test images @ FLOPs ratio; dense backbone untuned "
+                f"{dense_top1:.2f}%. Every arm fine-tuned {args.steps} steps of {BATCH} at budget {args.tune_budget:g} "
+                f"(backbone lr {args.backbone_lr:g}, CE + {LOGIT_DISTILL} KL to the dense model), then evaluated at each "
+                f"budget. `python benchmarks/fair_policies.py --dataset {args.dataset} --steps {args.steps} --arms ...`.")
+    if share is not None:
+        preamble += (f" In brackets: the share of the tokens kept after the last stage that lie on the garment's box "
+                     f"({args.precision_images} test images), and that share over the box's share of all tokens "
+                     f"({share:.1f}%): x1 is chance.")
+    record = {"dataset": args.dataset, "test_images": n_test, "dense_top1": dense_top1, "steps": args.steps,
+              "batch": BATCH, "tune_budget": args.tune_budget, "backbone_lr": args.backbone_lr, "rows": rows,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d")}
+    columns = ["arm", *[f"budget {b:g}" for b in budgets], "no pruning", "tune s"]
+    write_results(console, args.out_dir, name, f"{args.dataset}: top-1 @ FLOPs, equal fine-tunes", columns, cells,
+                  preamble, record)
+    save_accuracy_vs_flops([{"policy": r["arm"], **r} for r in rows if r["budget"] < 1.0 and "top1" in r], args.out_dir / f"{name}.png",
+                           dense_top1, f"{args.dataset}: every arm tuned {args.steps} steps at {args.tune_budget:g}")
+    if maps:
+        save_token_maps(test.images[:6], maps, args.out_dir / f"{name}_token_maps.png",
+                        [FASHION_MNIST_CLASSES[int(y)] for y in test.labels[:6]])
+    console.print(f"wrote {args.out_dir}/{name}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
