@@ -56,10 +56,10 @@ from spot_compile.preprocessing import model_normalization, model_preprocessing 
 from spot_compile.streaming import Prepared, SeededSampler, TrainTransform, loader, training_datasets  # noqa: E402
 from spot_compile.training import accuracy, cosine_lr, logits_of  # noqa: E402
 from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
-from spot_compile.zoo import ASSETS, SHIPPED_MODEL  # noqa: E402
+from spot_compile.zoo import CLUTTERED_MODEL, SHIPPED_MODEL  # noqa: E402
 
 DATASETS = {  # name -> (model checkpoint, data directory)
-    "cluttered": (ASSETS / "cluttered_fmnist_vit.pt", Path("runs/cluttered-fmnist")),
+    "cluttered": (CLUTTERED_MODEL, Path("runs/cluttered-fmnist")),
     "fmnist": (SHIPPED_MODEL, FASHION_MNIST_DIR),
 }
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.8)

@@ -1,4 +1,5 @@
-"""The model that ships with the package: a small ViT trained here on Fashion-MNIST (recipes/train_dense.py)."""
+"""The models that ship with the package, small ViTs trained here (recipes/train_dense.py): one on Fashion-MNIST, and
+one on cluttered Fashion-MNIST (recipes/cluttered_fmnist.py), where the garment's place varies per image."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .models.vit import ViT, ViTConfig
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_MODEL = ASSETS / "fmnist_vit.pt"
 SHIPPED_PREDICTORS = ASSETS / "fmnist_spot_predictors.pt"
+CLUTTERED_MODEL = ASSETS / "cluttered_fmnist_vit.pt"
 
 
 def load_shipped_model(path: Path = SHIPPED_MODEL) -> tuple[ViT, dict]:
