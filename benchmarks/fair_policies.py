@@ -170,6 +170,8 @@ def progress_bar(console: Console) -> Progress:
 def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console: Console) -> tuple[Path, float]:
     """Fine-tunes one arm (or finds it cached): the path of what it made (a model or a predictor checkpoint), and
     the seconds its fine-tune took, compile included."""
+    if args.steps == 0:  # the training-free table: every arm on the untuned backbone
+        return base, 0.0
     out = args.run_dir / f"{slug(name)}.pt"
     if out.is_file():
         metrics = load_predictor_metrics(out) if arm.spot else load_tensors(out)["metrics"]
@@ -220,7 +222,8 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--stages", default=",".join(map(str, STAGES)), help="blocks the drop policies reduce in front of")
     ap.add_argument("--tune-budget", type=float, default=0.4, help="the budget every arm is fine-tuned at")
-    ap.add_argument("--steps", type=int, default=429, help="fine-tune steps per arm (429: one epoch, the shipped recipe)")
+    ap.add_argument("--steps", type=int, default=429, help="fine-tune steps per arm (429: one epoch, the shipped recipe; "
+                    "0: no fine-tune, the training-free arms on the untuned backbone)")
     ap.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
     ap.add_argument("--precision-images", type=int, default=2000, help="test images the box precision is measured on")
@@ -239,6 +242,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     budgets = args.budget_list = tuple(float(b) for b in args.budgets.split(","))
+    if args.steps == 0 and any(ARMS[n].spot for n in names):
+        raise SystemExit("error: the spot arms are calibrated: give --steps > 0, or choose training-free --arms")
     if not base.is_file():
         raise SystemExit(f"error: no dense model at {base}; train it with recipes/train_dense.py (see its docstring)")
     model = load_model(base)
@@ -285,7 +290,7 @@ def main() -> None:
 
 
 def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) -> None:
-    name = args.name or f"fair_{args.dataset}"
+    name = args.name or f"fair_{args.dataset}" + ("_untuned" if args.steps == 0 else "")
     cells = []
     for arm in names:
         mine = {r["budget"]: r for r in rows if r["arm"] == arm}
@@ -302,10 +307,12 @@ def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) 
         line.append(f"{next(r['tune_seconds'] for r in rows if r['arm'] == arm):.0f}")
         cells.append(line)
     share = next((r["box_share"] for r in rows if "box_share" in r), None)
+    tuning = (f"Every arm fine-tuned {args.steps} steps of {BATCH} at budget {args.tune_budget:g} (backbone lr "
+              f"{args.backbone_lr:g}, CE + {LOGIT_DISTILL} KL to the dense model), then evaluated at each budget."
+              if args.steps else "No fine-tune: the training-free arms on the untuned backbone.")
     preamble = (f"Top-1 on {n_test} held-out {args.dataset} test images @ FLOPs ratio; dense backbone untuned "
-                f"{dense_top1:.2f}%. Every arm fine-tuned {args.steps} steps of {BATCH} at budget {args.tune_budget:g} "
-                f"(backbone lr {args.backbone_lr:g}, CE + {LOGIT_DISTILL} KL to the dense model), then evaluated at each "
-                f"budget. `python benchmarks/fair_policies.py --dataset {args.dataset} --steps {args.steps} --arms ...`.")
+                f"{dense_top1:.2f}%. {tuning} Stages of the drop policies: {args.stages}. "
+                f"`python benchmarks/fair_policies.py --dataset {args.dataset} --steps {args.steps} --arms '{args.arms}'`.")
     if share is not None:
         preamble += (f" In brackets: the share of the tokens kept after the last stage that lie on the garment's box "
                      f"({args.precision_images} test images), and that share over the box's share of all tokens "
@@ -317,8 +324,9 @@ def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) 
     columns = ["arm", *[f"budget {b:g}" for b in budgets], "no pruning", "tune s"]
     write_results(console, args.out_dir, name, f"{args.dataset}: top-1 @ FLOPs, equal fine-tunes", columns, cells,
                   preamble, record)
-    save_accuracy_vs_flops([{"policy": r["arm"], **r} for r in rows if r["budget"] < 1.0 and "top1" in r], args.out_dir / f"{name}.png",
-                           dense_top1, f"{args.dataset}: every arm tuned {args.steps} steps at {args.tune_budget:g}")
+    what = f"every arm tuned {args.steps} steps at {args.tune_budget:g}" if args.steps else "untuned backbone"
+    save_accuracy_vs_flops([{"policy": r["arm"], **r} for r in rows if r["budget"] < 1.0 and "top1" in r],
+                           args.out_dir / f"{name}.png", dense_top1, f"{args.dataset}: {what}")
     if maps:
         save_token_maps(test.images[:6], maps, args.out_dir / f"{name}_token_maps.png",
                         [FASHION_MNIST_CLASSES[int(y)] for y in test.labels[:6]])
