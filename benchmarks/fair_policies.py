@@ -48,7 +48,6 @@ from spot_compile.checkpoints import load_tensors  # noqa: E402
 from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from spot_compile.errors import BudgetError  # noqa: E402
 from spot_compile.evaluation import box_precision  # noqa: E402
-from spot_compile.models.vit import ViT, ViTConfig  # noqa: E402
 from spot_compile.outputs import save_atomically  # noqa: E402
 from spot_compile.policies import policy_class  # noqa: E402
 from spot_compile.predictors import SIGNALS, PredictorConfig, load_predictor_metrics  # noqa: E402
@@ -56,7 +55,7 @@ from spot_compile.preprocessing import model_normalization, model_preprocessing 
 from spot_compile.streaming import Prepared, SeededSampler, TrainTransform, loader, training_datasets  # noqa: E402
 from spot_compile.training import accuracy, cosine_lr, logits_of  # noqa: E402
 from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
-from spot_compile.zoo import CLUTTERED_MODEL, SHIPPED_MODEL  # noqa: E402
+from spot_compile.zoo import CLUTTERED_MODEL, SHIPPED_MODEL, load_shipped_model  # noqa: E402
 
 DATASETS = {  # name -> (model checkpoint, data directory)
     "cluttered": (CLUTTERED_MODEL, Path("runs/cluttered-fmnist")),
@@ -103,11 +102,8 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def load_model(path: Path) -> ViT:
-    ckpt = load_tensors(path)
-    model = ViT(ViTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+def load_model(path: Path) -> torch.nn.Module:
+    return load_shipped_model(path)[0]  # any checkpoint of the recipe's format: the shipped ones and the tuned arms
 
 
 def sparse_config(arm: Arm, budget: float, stages: tuple[int, ...], predictors: Path | None) -> sc.SparsifyConfig:
