@@ -17,6 +17,13 @@ ToMe ships, in front of every block, and is tuned at the lowest budget of `--bud
 is below what it can reach (bipartite merging removes at most half the tokens a block). A budget a policy cannot reach
 is reported as such.
 
+Variants of SPOT's calibration, for finding out why it does or does not win (docs/spot.md): "spot anchored" (the
+predictors start from the class token's attention), "spot noise 0" (no exploration noise), "spot detached" (the
+backbone learns nothing through the predictors' inputs), "spot then tune" (the predictors calibrated `--steps` steps
+on the frozen backbone, then the backbone tuned `--steps` steps exactly as the training-free arms are, through the
+deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration).
+`--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
+
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
 ratio reached (FlopCounterMode), and, where the data has object boxes (the cluttered set), the kept-token box
 precision after the last stage against the box's share of the tokens (policies that drop tokens). Tuned arms are
@@ -50,7 +57,7 @@ from spot_compile.errors import BudgetError  # noqa: E402
 from spot_compile.evaluation import box_precision  # noqa: E402
 from spot_compile.outputs import save_atomically  # noqa: E402
 from spot_compile.policies import policy_class  # noqa: E402
-from spot_compile.predictors import SIGNALS, PredictorConfig, load_predictor_metrics  # noqa: E402
+from spot_compile.predictors import SIGNALS, PredictorConfig, load_predictor_metrics, save_predictors  # noqa: E402
 from spot_compile.preprocessing import model_normalization, model_preprocessing  # noqa: E402
 from spot_compile.streaming import Prepared, SeededSampler, TrainTransform, loader, training_datasets  # noqa: E402
 from spot_compile.training import accuracy, cosine_lr, logits_of  # noqa: E402
@@ -68,7 +75,7 @@ BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.8)
 STAGES = (1, 2, 4)
 COVERAGE_ONLY = 1e4  # prior weight that drowns the predictors' O(1) logits: the selection is the fixed thinning
 # The shipped calibration recipe's settings (recipes/calibrate_shipped.py), shared by every arm where they apply.
-BATCH, BACKBONE_LR, PREDICTOR_LR, NOISE, HIDDEN, RECIPE_COVERAGE, LOGIT_DISTILL = 128, 1e-3, 3e-3, 0.3, 16, 2.0, 0.5
+BATCH, BACKBONE_LR, PREDICTOR_LR, HIDDEN, RECIPE_COVERAGE, LOGIT_DISTILL = 128, 1e-3, 3e-3, 16, 2.0, 0.5
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ class Arm:
     every_block: bool = False  # merging as ToMe ships it, in front of every block
     coverage: float = 0.0  # SPOT arms: weight of the coverage prior
     signals: tuple[str, ...] = SIGNALS
+    noise: float = 0.3  # SPOT arms: Gumbel noise on the scores in training (SoftKeep)
+    backbone_from_scores: bool = True  # SPOT arms: the backbone also learns through the predictors' inputs
+    then_tune: bool = False  # SPOT arms: calibrate on the frozen backbone, then tune it as the training-free arms are
+    anchor: bool = False  # SPOT arms: predictors that start from the class token's attention (PredictorConfig.anchor)
 
     @property
     def spot(self) -> bool:
@@ -88,6 +99,11 @@ ARMS = {
     "no pruning": Arm(None),
     "spot": Arm("spot"),
     "spot + coverage": Arm("spot", coverage=RECIPE_COVERAGE),
+    "spot anchored": Arm("spot", anchor=True),
+    "spot noise 0": Arm("spot", noise=0.0),
+    "spot anchored noise 0": Arm("spot", anchor=True, noise=0.0),
+    "spot detached": Arm("spot", backbone_from_scores=False),
+    "spot then tune": Arm("spot", then_tune=True),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),
@@ -95,7 +111,9 @@ ARMS = {
     "merge": Arm("merge", every_block=True),
     **{f"spot -{s}": Arm("spot", signals=tuple(x for x in SIGNALS if x != s)) for s in SIGNALS},
 }
-DEFAULT_ARMS = [a for a in ARMS if not a.startswith("spot -")]
+# The issue's protocol; the SPOT variants and the signal ablations run when named in --arms.
+DEFAULT_ARMS = ["no pruning", "spot", "spot + coverage", "coverage", "random", "class-attention", "class-attention + fuse",
+                "merge"]
 
 
 def slug(name: str) -> str:
@@ -178,11 +196,24 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
     t0 = time.time()
     if arm.spot:
         epochs = -(-args.steps // (len(train) // BATCH))
-        calibrate(model, train, val, args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps, batch_size=BATCH,
-                  lr=PREDICTOR_LR, predictor=PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage),
-                  noise=NOISE, finetune=True, backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=out,
-                  console=console, compile=args.compile, workers=0)
-        return out, time.time() - t0
+        predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage, anchor=arm.anchor)
+        result = calibrate(model, train, val, args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
+                           batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
+                           backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
+                           backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
+                           console=console, compile=args.compile, workers=0, seed=args.seed)
+        if not arm.then_tune:
+            return out, time.time() - t0
+        # The predictors were calibrated on the frozen backbone; now the backbone gets the fine-tune every
+        # training-free arm gets, through the deployed sparse graph with those predictors fixed.
+        ckpt = result.checkpoint
+        sparse = sc.sparsify(model, sc.SparsifyConfig(budget=args.tune_budget, policy="spot", stages=stages),
+                             scorers=ckpt.predictors)
+        tune_through(sparse.graph_module, model, train, args.steps, args.backbone_lr, args.seed, args.compile, console)
+        ckpt.backbone = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ckpt.metrics["seconds"] = time.time() - t0
+        save_predictors(out, ckpt, model, sparse.structure)
+        return out, ckpt.metrics["seconds"]
     if arm.policy is None:
         graph = capture(model, example_input(model, None))
     else:
@@ -197,7 +228,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
             raise SystemExit(f"error: {name} reaches none of the budgets")
     shared = {p.data_ptr() for p in graph.parameters()}
     assert all(p.data_ptr() in shared for p in model.parameters()), "the graph must train the model's own parameters"
-    tune_through(graph, model, train, args.steps, args.backbone_lr, 0, args.compile, console)
+    tune_through(graph, model, train, args.steps, args.backbone_lr, args.seed, args.compile, console)
     seconds = time.time() - t0
     save_atomically({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                      "metrics": {"seconds": seconds, "steps": args.steps, "tune_budget": args.tune_budget}}, out, "--run-dir")
@@ -221,6 +252,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=429, help="fine-tune steps per arm (429: one epoch, the shipped recipe; "
                     "0: no fine-tune, the training-free arms on the untuned backbone)")
     ap.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
+    ap.add_argument("--seed", type=int, default=0, help="the fine-tunes' shuffle, augmentation and initialisation "
+                    "(the validation split stays the same): run-to-run spread")
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
     ap.add_argument("--precision-images", type=int, default=2000, help="test images the box precision is measured on")
     ap.add_argument("--run-dir", type=Path)
@@ -231,7 +264,8 @@ def main() -> None:
     console = Console()
     base, data = DATASETS[args.dataset]
     base, data = args.model or base, args.data or data
-    args.run_dir = args.run_dir or Path("runs/fair") / f"{args.dataset}-{args.steps}steps-tuned{args.tune_budget:g}"
+    seeded = f"-seed{args.seed}" if args.seed else ""
+    args.run_dir = args.run_dir or Path("runs/fair") / f"{args.dataset}-{args.steps}steps-tuned{args.tune_budget:g}{seeded}"
     args.run_dir.mkdir(parents=True, exist_ok=True)
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ARMS]
@@ -308,12 +342,13 @@ def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) 
               if args.steps else "No fine-tune: the training-free arms on the untuned backbone.")
     preamble = (f"Top-1 on {n_test} held-out {args.dataset} test images @ FLOPs ratio; dense backbone untuned "
                 f"{dense_top1:.2f}%. {tuning} Stages of the drop policies: {args.stages}. "
-                f"`python benchmarks/fair_policies.py --dataset {args.dataset} --steps {args.steps} --arms '{args.arms}'`.")
+                f"`python benchmarks/fair_policies.py --dataset {args.dataset} --steps {args.steps} "
+                f"--tune-budget {args.tune_budget:g} --seed {args.seed} --arms '{args.arms}'`.")
     if share is not None:
         preamble += (f" In brackets: the share of the tokens kept after the last stage that lie on the garment's box "
                      f"({args.precision_images} test images), and that share over the box's share of all tokens "
                      f"({share:.1f}%): x1 is chance.")
-    record = {"dataset": args.dataset, "test_images": n_test, "dense_top1": dense_top1, "steps": args.steps,
+    record = {"dataset": args.dataset, "test_images": n_test, "dense_top1": dense_top1, "steps": args.steps, "seed": args.seed,
               "batch": BATCH, "tune_budget": args.tune_budget, "backbone_lr": args.backbone_lr, "rows": rows,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}

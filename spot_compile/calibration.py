@@ -64,7 +64,7 @@ def calibrate(
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
     preprocessing: Preprocessing | None = None, workers: int | None = None, device: str | torch.device | None = "cpu",
-    precision: str = "fp32",
+    precision: str = "fp32", backbone_from_scores: bool = True,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -88,6 +88,9 @@ def calibrate(
     With `out`, a partial checkpoint `<out>.partial` is written (atomically) after every epoch and, with `save_every`,
     every that many steps; a run started again with the same arguments resumes from it exactly (predictors, optimizer,
     schedule, the epoch's shuffle and position, every process's random generators), also when it was killed mid-epoch.
+
+    `backbone_from_scores` False (with `finetune`): the predictors read the backbone's tokens and attention detached,
+    so the backbone learns only from the loss through the tokens it keeps, not from what would move the scores.
     """
     device = resolve_device(device, local_rank())
     workers = default_workers(device) if workers is None else workers
@@ -128,7 +131,8 @@ def calibrate(
         m.to(device)
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
-    student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise)
+    scorers = predictors if backbone_from_scores else {s: DetachedInputs(m) for s, m in predictors.items()}
+    student, keepers = build_calibration_graph(captured, stages, keep, scorers, noise)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
@@ -286,6 +290,19 @@ def calibrate(
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+class DetachedInputs(nn.Module):
+    """A scorer that sees its inputs detached: no gradient reaches the backbone through it."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.attention, self.history = scorer.attention, scorer.history
+        self.positions = getattr(scorer, "positions", False)
+
+    def forward(self, tokens: torch.Tensor, *attention: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.scorer(tokens.detach(), *(a.detach() for a in attention), **kwargs)
 
 
 def _rng_state(device: torch.device) -> dict:

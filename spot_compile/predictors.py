@@ -38,6 +38,11 @@ class PredictorConfig:
     # 0 is SPOT as published; a large weight is a fixed uniform thinning of the grid that the logits only reorder
     # where they differ by more than the prior does.
     coverage: float = 0.0
+    # Start from the class token's attention (EViT's criterion, read from the interaction descriptor) and learn a
+    # correction to it: relevance = scale·log(CLS-out) + MLP, the MLP's output layer zero at the start. Without it
+    # the predictors start from noise and, in a short calibration, only caught up with that criterion on the
+    # cluttered benchmark (docs/spot.md).
+    anchor: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.signals) - set(SIGNALS)
@@ -47,12 +52,18 @@ class PredictorConfig:
             raise ValueError(f"hidden must be a positive width, got {self.hidden}")
         if not self.coverage >= 0:
             raise ValueError(f"coverage must be a weight >= 0, got {self.coverage}")
+        if self.anchor and "interaction" not in self.signals:
+            raise ValueError("anchor reads the class token's attention from the interaction signal: keep 'interaction' "
+                             "among the signals, or turn anchor off")
 
 
 class SpotPredictor(nn.Module):
     """relevance = w2·gelu(W1·gelu([h, mean(h)]) + b1) + b2, with
     h = W_e·LN(token) + W_i·descriptor + W_d·(descriptor - previous descriptor) + b,
-    plus `config.coverage` times the token's coverage prior when that weight is not zero.
+    plus `config.coverage` times the token's coverage prior when that weight is not zero,
+    plus, with `config.anchor`, a·log(the descriptor's CLS-out feature, averaged over heads) with a learned a (1 at
+    the start, when w2 and b2 are zero): the class token's attention, or, in a model without one, the attention the
+    token receives from the average query (what `ClassAttentionScorer` falls back to as well).
 
     The forward evaluates that same function in a cheaper order (the predictor runs on every token of a narrow model,
     where a handful of small kernels cost more than their FLOPs suggest): the three input linears as one GEMM over
@@ -63,7 +74,8 @@ class SpotPredictor(nn.Module):
     attention = "descriptor"
     history = 2  # the last two blocks: their descriptors and the change between them
 
-    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig(), patch_tokens: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig(), patch_tokens: int | None = None,
+                 has_class_token: bool = True) -> None:
         super().__init__()
         self.config = config
         self.positions = config.coverage > 0  # asks the pass for each token's grid position
@@ -77,6 +89,11 @@ class SpotPredictor(nn.Module):
         self.interaction = nn.Linear(feat, hid) if "interaction" in config.signals else None
         self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
         self.mix = nn.Sequential(nn.GELU(), nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
+        if config.anchor:
+            self.anchor_feature = 0 if has_class_token else 1  # CLS-out, else received (ops.descriptor_from_logits)
+            self.anchor_scale = nn.Parameter(torch.ones(()))
+            nn.init.zeros_(self.mix[3].weight)
+            nn.init.zeros_(self.mix[3].bias)
 
     def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self._features(tokens, descriptors[-1], descriptors[-2] if len(descriptors) > 1 else descriptors[-1])
@@ -86,6 +103,11 @@ class SpotPredictor(nn.Module):
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)
         # A one-column GEMM is a library call of its own; as a multiply-reduce Inductor fuses it into the GELU's kernel.
         logits = (F.gelu(z) * last.weight[0]).sum(-1) + last.bias
+        if self.config.anchor:
+            attention = descriptors[-1][..., self.anchor_feature :: DESCRIPTOR_FEATURES].mean(-1)
+            # Live-count-scaled softmax (1 = uniform): its log is 0 for an average token, and the clamp keeps a token
+            # no head attends to finite.
+            logits = logits + self.anchor_scale * attention.clamp_min(1e-4).log()
         if not self.positions:
             return logits
         if positions is None:
@@ -116,7 +138,8 @@ class SpotPredictor(nn.Module):
 def make_predictors(structure: ModelStructure, stages: tuple[int, ...], config: PredictorConfig) -> dict[int, SpotPredictor]:
     torch.manual_seed(0)
     b = structure.blocks[0]
-    return {s: SpotPredictor(b.dim, b.heads, config, structure.tokens - structure.num_special) for s in stages}
+    return {s: SpotPredictor(b.dim, b.heads, config, structure.tokens - structure.num_special, structure.has_class_token)
+            for s in stages}
 
 
 @dataclass
@@ -153,7 +176,8 @@ def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure)
         raise CheckpointError(f"{path} was calibrated for a different model (structure or parameter shapes differ); "
                               "calibrate predictors for this model")
     cfg = json.loads(data["config"])
-    config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]), coverage=cfg.get("coverage", 0.0))
+    config = PredictorConfig(hidden=cfg["hidden"], signals=tuple(cfg["signals"]), coverage=cfg.get("coverage", 0.0),
+                             anchor=cfg.get("anchor", False))
     stages = tuple(data["stages"])
     predictors = make_predictors(structure, stages, config)
     for s, p in predictors.items():
