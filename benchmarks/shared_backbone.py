@@ -1,0 +1,91 @@
+"""Learned predictors against class attention on one and the same backbone: which selection is better?
+
+    python benchmarks/shared_backbone.py      # after fair_policies.py; -> docs/results/shared_backbone_cluttered.{json,md}
+
+`fair_policies.py` compares policies each on the backbone its own fine-tune made, so a gap between two arms mixes
+the selection with how well the backbone adapted to it. Here the selection alone varies: on each backbone (the dense
+one, and the tuned arms found in `--run-dir`), the SPOT predictors and the class token's attention each choose the
+tokens, at the same stages and FLOPs. The predictors of the "spot then tune" arm were calibrated on the frozen dense
+backbone, so they can be put on any backbone; those of the "spot" arm were calibrated with their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import spot_compile as sc  # noqa: E402
+from benchmarks.fair_policies import DATASETS, STAGES, boxes_of, load_model, progress_bar  # noqa: E402
+from benchmarks.result_table import write_results  # noqa: E402
+from spot_compile.capture import capture, example_input  # noqa: E402
+from spot_compile.data import load_dataset  # noqa: E402
+from spot_compile.evaluation import box_precision  # noqa: E402
+from spot_compile.passes.find_blocks import find_blocks  # noqa: E402
+from spot_compile.predictors import load_predictor_checkpoint, with_tuned_backbone  # noqa: E402
+from spot_compile.preprocessing import model_normalization  # noqa: E402
+from spot_compile.training import accuracy  # noqa: E402
+from spot_compile.visualize import kept_patches  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="cluttered")
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/fair/cluttered-150steps-tuned0.4"))
+    ap.add_argument("--budgets", default="0.4")
+    ap.add_argument("--precision-images", type=int, default=2000)
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    args = ap.parse_args()
+    console = Console()
+    base_path, data = DATASETS[args.dataset]
+    dense = load_model(base_path)
+    test = load_dataset(data, "test", dense.cfg.img_size, dense.cfg.in_chans)
+    boxes = boxes_of(data)
+    probe = model_normalization(dense)(test.images[: args.precision_images])
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    portable = args.run_dir / "spot-then-tune.pt"  # predictors calibrated on the frozen dense backbone
+    backbones = {"dense (untuned)": (dense, portable)}
+    for name, predictors in (("spot", "spot.pt"), ("spot then tune", "spot-then-tune.pt")):
+        if (args.run_dir / predictors).is_file():
+            backbones[name] = (with_tuned_backbone(dense, args.run_dir / predictors), args.run_dir / predictors)
+    if (args.run_dir / "class-attention.pt").is_file():
+        backbones["class-attention"] = (load_model(args.run_dir / "class-attention.pt"), portable)
+    if not portable.is_file():
+        raise SystemExit(f"error: no {portable}: run benchmarks/fair_policies.py --arms 'spot then tune' first")
+    rows = []
+    with progress_bar(console) as progress:
+        task = progress.add_task("evaluating", total=len(backbones) * 2 * len(budgets))
+        for name, (backbone, predictors) in backbones.items():
+            structure = find_blocks(capture(backbone, example_input(backbone, None)))
+            learned = load_predictor_checkpoint(predictors, backbone, structure).predictors
+            for selection in ("spot", "class-attention"):
+                for budget in budgets:
+                    config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=selection)
+                    sparse = sc.sparsify(backbone, config, scorers=learned if selection == "spot" else None)
+                    bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], backbone.cfg.patch_size)
+                    rows.append({"backbone": name, "selection": selection, "predictors": predictors.name if selection == "spot"
+                                 else None, "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
+                                 "top1": accuracy(sparse, test), "box_precision": bp.precision})
+                    progress.advance(task)
+    cells = []
+    for name in backbones:
+        for selection in ("spot", "class-attention"):
+            mine = {r["budget"]: r for r in rows if r["backbone"] == name and r["selection"] == selection}
+            label = f"spot ({mine[budgets[0]]['predictors']})" if selection == "spot" else selection
+            cells.append([name, label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
+                                         for b in budgets)])
+    preamble = (f"Top-1 on {len(test)} held-out {args.dataset} test images, each backbone with two selections at the "
+                f"same stages {STAGES} and FLOPs; in brackets the last stage's box precision ({len(probe)} images). Tuned "
+                f"backbones from {args.run_dir}. `python benchmarks/shared_backbone.py --run-dir {args.run_dir}`.")
+    write_results(console, args.out_dir, f"shared_backbone_{args.dataset}", "one backbone, two selections",
+                  ["backbone", "selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
+                  {"rows": rows, "run_dir": str(args.run_dir), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()
