@@ -101,7 +101,6 @@ ARMS = {
     "spot + coverage": Arm("spot", coverage=RECIPE_COVERAGE),
     "spot anchored": Arm("spot", anchor=True),
     "spot noise 0": Arm("spot", noise=0.0),
-    "spot anchored noise 0": Arm("spot", anchor=True, noise=0.0),
     "spot detached": Arm("spot", backbone_from_scores=False),
     "spot then tune": Arm("spot", then_tune=True),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),

@@ -39,9 +39,8 @@ class PredictorConfig:
     # where they differ by more than the prior does.
     coverage: float = 0.0
     # Start from the class token's attention (EViT's criterion, read from the interaction descriptor) and learn a
-    # correction to it: relevance = scale·log(CLS-out) + MLP, the MLP's output layer zero at the start. Without it
-    # the predictors start from noise and, in a short calibration, only caught up with that criterion on the
-    # cluttered benchmark (docs/spot.md).
+    # correction to it: relevance = scale·log(CLS-out) + MLP, the MLP's output layer zero at the start. Measured on the
+    # cluttered benchmark: no gain over starting from noise (65.52 % at 0.4 either way; docs/spot.md), so off by default.
     anchor: bool = False
 
     def __post_init__(self) -> None:
