@@ -10,7 +10,7 @@ from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC2701 (co
 import spot_compile as sc
 from spot_compile.errors import BudgetError, StructureError
 from spot_compile.policies import DropPolicy, policy_names, register, registry
-from spot_compile.policies.merge import BIAS_TAG, SIZES_TAG, merge_tokens, size_bias
+from spot_compile.policies.merge import BIAS_TAG, SIZES_TAG, MergePolicy, merge_tokens, size_bias
 
 from .conftest import VARIANTS, small_vit
 from .model_families import FAMILIES, INPUT_SIZE, build, logits
@@ -91,6 +91,44 @@ def test_merge_meets_the_budget_equals_the_model_at_one_and_compiles_as_one_grap
             compiled(torch.randn(4, 1, 16, 16))
         torch.testing.assert_close(first, sparse(x), atol=1e-4, rtol=1e-4)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("patch,stages", [(196, 5), (64, 3), (16, 2)])
+def test_merge_schedule_is_tomes_constant_one_then_decreases_to_halving(patch, stages):
+    """Above rho 0.5 the schedule is ToMe's constant r (the last stage's count falls evenly), below it slides to
+    halving at every stage; every count is monotone in rho, as the budget search needs, and no stage merges more
+    than half of what enters it."""
+    policy = MergePolicy.__new__(MergePolicy)  # the schedule reads no model
+    grid = [policy.schedule(patch, stages, i / 400) for i in range(401)]
+    for lower, upper in zip(grid, grid[1:]):
+        assert all(a <= b for a, b in zip(lower, upper))
+    for keep in grid:
+        prev = patch
+        for k in keep:
+            assert prev // 2 <= k <= prev
+            prev = k
+    assert grid[-1] == (patch,) * stages
+    halving = [patch // 2 ** s for s in range(1, stages + 1)]
+    assert list(grid[0]) == halving
+    r = patch / (2 * stages)  # rho 0.75: the constant schedule at ToMe's rho 0.5
+    constant = policy.schedule(patch, stages, 0.75)
+    assert all(abs(k - (patch - s * r)) <= 1 or k == prev // 2 for s, (k, prev) in enumerate(zip(constant, (patch, *constant)), 1))
+
+
+def test_merge_reaches_budgets_below_the_constant_schedule():
+    """ToMe's constant r bottoms out where the last stage halves; budgets below that are met front-loaded."""
+    model = small_vit(depth=6)
+    patch, stages = 64, (1, 2, 3, 4, 5)
+    floor = MergePolicy.__new__(MergePolicy).schedule(patch, len(stages), 0.5)  # the constant schedule's fewest tokens
+    floor_ratio = sc.sparsify(model, sc.SparsifyConfig(policy="merge", stages=stages, keep=floor)).plan.flops_ratio
+    budget = round(floor_ratio - 0.08, 2)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget, policy="merge"))
+    assert budget - 0.02 <= sparse.plan.flops_ratio <= budget
+    assert sparse.plan.stages[0].keep < floor[0]  # more merged early than a constant r can
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), eager_merged(model, x, list(stages), [s.keep for s in sparse.plan.stages]),
+                                   atol=2e-5, rtol=1e-4)
 
 
 def test_merge_refuses_what_it_cannot_do_in_one_line():

@@ -164,15 +164,31 @@ class MergePolicy(TokenPolicy):
         return tuple(range(1, depth))
 
     def schedule(self, patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
-        """ToMe's constant schedule: each stage merges the same r = (1 - rho) * patch_tokens / num_stages tokens,
-        but never more than half of what enters it."""
-        r = (1.0 - rho) * patch_tokens / max(1, num_stages)
-        keep, prev = [], patch_tokens
-        for s in range(1, num_stages + 1):
-            k = min(prev, max(prev // 2, 1, round(patch_tokens - s * r)))
+        """ToMe's constant schedule for rho in [0.5, 1]: each stage merges the same r = (2 - 2 rho) * patch_tokens /
+        num_stages tokens, never more than half of what enters it. Below 0.5, where the constant r can remove no
+        more, it slides towards halving at every stage (a decreasing schedule, as in ToMe's schedule ablation), so
+        that low budgets are reachable: at 0 each stage merges half of what enters it."""
+        constant = _constant_schedule(patch_tokens, num_stages, max(0.0, 2.0 * rho - 1.0))
+        if rho >= 0.5:
+            return constant
+        w = 2.0 * rho  # 1: the constant schedule at its limit; 0: halving
+        keep, prev, halved = [], patch_tokens, patch_tokens
+        for c in constant:
+            halved = max(1, halved // 2)
+            k = min(prev, max(prev // 2, 1, round(halved + w * (c - halved))))
             keep.append(k)
             prev = k
         return tuple(keep)
 
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node | None:
         return insert_merging(gm, structure, before_block, keep)
+
+
+def _constant_schedule(patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
+    r = (1.0 - rho) * patch_tokens / max(1, num_stages)
+    keep, prev = [], patch_tokens
+    for s in range(1, num_stages + 1):
+        k = min(prev, max(prev // 2, 1, round(patch_tokens - s * r)))
+        keep.append(k)
+        prev = k
+    return tuple(keep)
