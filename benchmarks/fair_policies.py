@@ -89,6 +89,7 @@ class Arm:
     backbone_from_scores: bool = True  # SPOT arms: the backbone also learns through the predictors' inputs
     then_tune: bool = False  # SPOT arms: calibrate on the frozen backbone, then tune it as the training-free arms are
     anchor: bool = False  # SPOT arms: predictors that start from the class token's attention (PredictorConfig.anchor)
+    predictor_budget: float | None = None  # "then tune" arms: calibrate the predictors at this budget, not --tune-budget
 
     @property
     def spot(self) -> bool:
@@ -103,13 +104,16 @@ ARMS = {
     "spot noise 0": Arm("spot", noise=0.0),
     "spot detached": Arm("spot", backbone_from_scores=False),
     "spot then tune": Arm("spot", then_tune=True),
+    "spot then tune (predictors at 0.4)": Arm("spot", then_tune=True, predictor_budget=0.4),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),
     "class-attention + fuse": Arm("class-attention", fuse=True),
     "merge": Arm("merge", every_block=True),
     **{f"spot -{s}": Arm("spot", signals=tuple(x for x in SIGNALS if x != s)) for s in SIGNALS},
+    **{f"spot then tune -{s}": Arm("spot", signals=tuple(x for x in SIGNALS if x != s), then_tune=True) for s in SIGNALS},
 }
+assert not any("," in name for name in ARMS), "--arms is a comma-separated list of these names"
 # The issue's protocol; the SPOT variants and the signal ablations run when named in --arms.
 DEFAULT_ARMS = ["no pruning", "spot", "spot + coverage", "coverage", "random", "class-attention", "class-attention + fuse",
                 "merge"]
@@ -196,7 +200,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
     if arm.spot:
         epochs = -(-args.steps // (len(train) // BATCH))
         predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage, anchor=arm.anchor)
-        result = calibrate(model, train, val, args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
+        result = calibrate(model, train, val, arm.predictor_budget or args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
                            backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
                            backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
