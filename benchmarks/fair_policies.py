@@ -21,7 +21,9 @@ Variants of SPOT's calibration, for finding out why it does or does not win (doc
 predictors start from the class token's attention), "spot noise 0" (no exploration noise), "spot detached" (the
 backbone learns nothing through the predictors' inputs), "spot then tune" (the predictors calibrated `--steps` steps
 on the frozen backbone, then the backbone tuned `--steps` steps exactly as the training-free arms are, through the
-deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration).
+deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
+"spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
+and "spot then tune -<signal>" (its signal ablations).
 `--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
 
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs

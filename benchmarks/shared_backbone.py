@@ -1,6 +1,7 @@
 """Learned predictors against class attention on one and the same backbone: which selection is better?
 
     python benchmarks/shared_backbone.py      # after fair_policies.py; -> docs/results/shared_backbone_cluttered.{json,md}
+    python benchmarks/shared_backbone.py --ablations --budgets 0.3,0.4,0.6   # the signal ablations' selections alone
 
 `fair_policies.py` compares policies each on the backbone its own fine-tune made, so a gap between two arms mixes
 the selection with how well the backbone adapted to it. Here the selection alone varies: on each backbone (the dense
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.4")
     ap.add_argument("--precision-images", type=int, default=2000)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--ablations", action="store_true", help="only the untuned dense backbone, with the predictors of "
+                    "'spot then tune' and of each of its signal ablations found in --run-dir: what each signal adds to "
+                    "the selection alone")
     args = ap.parse_args()
     console = Console()
     base_path, data = DATASETS[args.dataset]
@@ -57,32 +61,40 @@ def main() -> None:
         backbones["class-attention"] = (load_model(args.run_dir / "class-attention.pt"), portable)
     if not portable.is_file():
         raise SystemExit(f"error: no {portable}: run benchmarks/fair_policies.py --arms 'spot then tune' first")
+    # (backbone name, selection, predictor file or None for class attention)
+    runs = [(name, sel, predictors if sel == "spot" else None) for name, (_, predictors) in backbones.items()
+            for sel in ("spot", "class-attention")]
+    if args.ablations:
+        backbones = {"dense (untuned)": backbones["dense (untuned)"]}
+        runs = [("dense (untuned)", "class-attention", None), ("dense (untuned)", "spot", portable),
+                *(("dense (untuned)", "spot", p) for p in sorted(args.run_dir.glob("spot-then-tune--*.pt")))]
     rows = []
     with progress_bar(console) as progress:
-        task = progress.add_task("evaluating", total=len(backbones) * 2 * len(budgets))
-        for name, (backbone, predictors) in backbones.items():
+        task = progress.add_task("evaluating", total=len(runs) * len(budgets))
+        for name, selection, predictors in runs:
+            backbone = backbones[name][0]
             structure = find_blocks(capture(backbone, example_input(backbone, None)))
-            learned = load_predictor_checkpoint(predictors, backbone, structure).predictors
-            for selection in ("spot", "class-attention"):
-                for budget in budgets:
-                    config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=selection)
-                    sparse = sc.sparsify(backbone, config, scorers=learned if selection == "spot" else None)
-                    bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], backbone.cfg.patch_size)
-                    rows.append({"backbone": name, "selection": selection, "predictors": predictors.name if selection == "spot"
-                                 else None, "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
-                                 "top1": accuracy(sparse, test), "box_precision": bp.precision})
-                    progress.advance(task)
+            learned = load_predictor_checkpoint(predictors, backbone, structure).predictors if predictors else None
+            for budget in budgets:
+                config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=selection)
+                sparse = sc.sparsify(backbone, config, scorers=learned)
+                bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], backbone.cfg.patch_size)
+                rows.append({"backbone": name, "selection": selection, "predictors": predictors.name if predictors else None,
+                             "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
+                             "top1": accuracy(sparse, test), "box_precision": bp.precision})
+                progress.advance(task)
     cells = []
-    for name in backbones:
-        for selection in ("spot", "class-attention"):
-            mine = {r["budget"]: r for r in rows if r["backbone"] == name and r["selection"] == selection}
-            label = f"spot ({mine[budgets[0]]['predictors']})" if selection == "spot" else selection
-            cells.append([name, label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
-                                         for b in budgets)])
+    for name, selection, predictors in runs:
+        mine = {r["budget"]: r for r in rows if r["backbone"] == name and r["selection"] == selection
+                and r["predictors"] == (predictors.name if predictors else None)}
+        label = f"spot ({predictors.name})" if predictors else selection
+        cells.append([name, label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
+                                     for b in budgets)])
     preamble = (f"Top-1 on {len(test)} held-out {args.dataset} test images, each backbone with two selections at the "
                 f"same stages {STAGES} and FLOPs; in brackets the last stage's box precision ({len(probe)} images). Tuned "
-                f"backbones from {args.run_dir}. `python benchmarks/shared_backbone.py --run-dir {args.run_dir}`.")
-    write_results(console, args.out_dir, f"shared_backbone_{args.dataset}", "one backbone, two selections",
+                f"backbones from {args.run_dir}. `python benchmarks/shared_backbone.py --run-dir {args.run_dir}"
+                f"{' --budgets ' + args.budgets if args.budgets != '0.4' else ''}{' --ablations' if args.ablations else ''}`.")
+    write_results(console, args.out_dir, f"shared_backbone_{args.dataset}" + ("_ablations" if args.ablations else ""), "one backbone, two selections",
                   ["backbone", "selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
                   {"rows": rows, "run_dir": str(args.run_dir), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
 
