@@ -54,10 +54,10 @@ def main() -> None:
     budgets = tuple(float(b) for b in args.budgets.split(","))
     portable = args.run_dir / "spot-then-tune.pt"  # predictors calibrated on the frozen dense backbone
     backbones = {"dense (untuned)": (dense, portable)}
-    for name, predictors in (("spot", "spot.pt"), ("spot then tune", "spot-then-tune.pt")):
+    for name, predictors in () if args.ablations else (("spot", "spot.pt"), ("spot then tune", "spot-then-tune.pt")):
         if (args.run_dir / predictors).is_file():
             backbones[name] = (with_tuned_backbone(dense, args.run_dir / predictors), args.run_dir / predictors)
-    if (args.run_dir / "class-attention.pt").is_file():
+    if (args.run_dir / "class-attention.pt").is_file() and not args.ablations:
         backbones["class-attention"] = (load_model(args.run_dir / "class-attention.pt"), portable)
     if not portable.is_file():
         raise SystemExit(f"error: no {portable}: run benchmarks/fair_policies.py --arms 'spot then tune' first")
@@ -65,7 +65,6 @@ def main() -> None:
     runs = [(name, sel, predictors if sel == "spot" else None) for name, (_, predictors) in backbones.items()
             for sel in ("spot", "class-attention")]
     if args.ablations:
-        backbones = {"dense (untuned)": backbones["dense (untuned)"]}
         runs = [("dense (untuned)", "class-attention", None), ("dense (untuned)", "spot", portable),
                 *(("dense (untuned)", "spot", p) for p in sorted(args.run_dir.glob("spot-then-tune--*.pt")))]
     rows = []
@@ -94,7 +93,8 @@ def main() -> None:
                 f"same stages {STAGES} and FLOPs; in brackets the last stage's box precision ({len(probe)} images). Tuned "
                 f"backbones from {args.run_dir}. `python benchmarks/shared_backbone.py --run-dir {args.run_dir}"
                 f"{' --budgets ' + args.budgets if args.budgets != '0.4' else ''}{' --ablations' if args.ablations else ''}`.")
-    write_results(console, args.out_dir, f"shared_backbone_{args.dataset}" + ("_ablations" if args.ablations else ""), "one backbone, two selections",
+    write_results(console, args.out_dir, f"shared_backbone_{args.dataset}" + ("_ablations" if args.ablations else ""),
+                  "signal ablations, untuned backbone" if args.ablations else "one backbone, two selections",
                   ["backbone", "selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
                   {"rows": rows, "run_dir": str(args.run_dir), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
 
