@@ -172,13 +172,8 @@ class MergePolicy(TokenPolicy):
         if rho >= 0.5:
             return constant
         w = 2.0 * rho  # 1: the constant schedule at its limit; 0: halving
-        keep, prev, halved = [], patch_tokens, patch_tokens
-        for c in constant:
-            halved = max(1, halved // 2)
-            k = min(prev, max(prev // 2, 1, round(halved + w * (c - halved))))
-            keep.append(k)
-            prev = k
-        return tuple(keep)
+        halving = [max(1, patch_tokens // 2**s) for s in range(1, num_stages + 1)]
+        return _at_most_halving(patch_tokens, [h + w * (c - h) for h, c in zip(halving, constant)])
 
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node | None:
         return insert_merging(gm, structure, before_block, keep)
@@ -186,9 +181,13 @@ class MergePolicy(TokenPolicy):
 
 def _constant_schedule(patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
     r = (1.0 - rho) * patch_tokens / max(1, num_stages)
+    return _at_most_halving(patch_tokens, [patch_tokens - s * r for s in range(1, num_stages + 1)])
+
+
+def _at_most_halving(patch_tokens: int, targets: list[float]) -> tuple[int, ...]:
+    """Each stage's count rounded from its target, kept between half of what enters the stage and all of it."""
     keep, prev = [], patch_tokens
-    for s in range(1, num_stages + 1):
-        k = min(prev, max(prev // 2, 1, round(patch_tokens - s * r)))
-        keep.append(k)
-        prev = k
+    for t in targets:
+        prev = min(prev, max(prev // 2, 1, round(t)))
+        keep.append(prev)
     return tuple(keep)
