@@ -23,7 +23,9 @@ backbone learns nothing through the predictors' inputs), "spot then tune" (the p
 on the frozen backbone, then the backbone tuned `--steps` steps exactly as the training-free arms are, through the
 deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
 "spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
-and "spot then tune -<signal>" (its signal ablations).
+"spot then tune (block gradient)" (the same, with a score's gradient from its stage's block alone, as every SPOT arm
+had before the downstream gradient: `calibrate(mask_gradient="block")`) and "spot then tune -<signal>" (its signal
+ablations).
 `--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
 
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
@@ -92,6 +94,7 @@ class Arm:
     then_tune: bool = False  # SPOT arms: calibrate on the frozen backbone, then tune it as the training-free arms are
     anchor: bool = False  # SPOT arms: predictors that start from the class token's attention (PredictorConfig.anchor)
     predictor_budget: float | None = None  # "then tune" arms: calibrate the predictors at this budget, not --tune-budget
+    mask_gradient: str = "downstream"  # SPOT arms: where a score's gradient comes from (calibrate's mask_gradient)
 
     @property
     def spot(self) -> bool:
@@ -107,6 +110,7 @@ ARMS = {
     "spot detached": Arm("spot", backbone_from_scores=False),
     "spot then tune": Arm("spot", then_tune=True),
     "spot then tune (predictors at 0.4)": Arm("spot", then_tune=True, predictor_budget=0.4),
+    "spot then tune (block gradient)": Arm("spot", then_tune=True, mask_gradient="block"),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),
@@ -205,6 +209,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
         result = calibrate(model, train, val, arm.predictor_budget or args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
                            backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
+                           mask_gradient=arm.mask_gradient,
                            backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
                            console=console, compile=args.compile, workers=0, seed=args.seed)
         if not arm.then_tune:

@@ -38,7 +38,7 @@ from .distributed import Processes, default_workers, local_rank, resolve_device
 from .errors import CheckpointError, DataError, UsageError, first_line
 from .outputs import check_writable_file, save_atomically
 from .passes.find_blocks import find_blocks
-from .passes.soft_pruning import build_calibration_graph, kept_positions, tap_final_tokens
+from .passes.soft_pruning import MASK_GRADIENTS, build_calibration_graph, kept_positions, tap_final_tokens
 from .policies import default_stages
 from .predictors import PredictorCheckpoint, PredictorConfig, make_predictors, save_predictors
 from .preprocessing import Preprocessing, model_preprocessing
@@ -64,7 +64,7 @@ def calibrate(
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
     preprocessing: Preprocessing | None = None, workers: int | None = None, device: str | torch.device | None = "cpu",
-    precision: str = "fp32", backbone_from_scores: bool = True,
+    precision: str = "fp32", backbone_from_scores: bool = True, mask_gradient: str = "downstream",
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -91,6 +91,9 @@ def calibrate(
 
     `backbone_from_scores` False (with `finetune`): the predictors read the backbone's tokens and attention detached,
     so the backbone learns only from the loss through the tokens it keeps, not from what would move the scores.
+
+    `mask_gradient` is where a score's gradient comes from (`passes.soft_pruning`): "downstream" (default), the
+    stage's block and, for the kept tokens, every later block; "block", the stage's block alone.
     """
     device = resolve_device(device, local_rank())
     workers = default_workers(device) if workers is None else workers
@@ -102,6 +105,8 @@ def calibrate(
     _check_arguments(train, val, batch_size, epochs, max_steps, save_every, procs.world_size)
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+    if mask_gradient not in MASK_GRADIENTS:
+        raise UsageError(f"unknown mask gradient {mask_gradient!r}; choose {' or '.join(MASK_GRADIENTS)}")
     if out is not None:
         out = check_writable_file(out, "--out")
     torch.manual_seed(seed)
@@ -132,7 +137,7 @@ def calibrate(
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     keep = tuple(s.keep for s in sparse.plan.stages)
     scorers = predictors if backbone_from_scores else {s: DetachedInputs(m) for s, m in predictors.items()}
-    student, keepers = build_calibration_graph(captured, stages, keep, scorers, noise)
+    student, keepers = build_calibration_graph(captured, stages, keep, scorers, noise, mask_gradient)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     targets, alive = [], structure.tokens - structure.num_special
     for k in keep:
@@ -162,6 +167,7 @@ def calibrate(
     # In its JSON form (tuples as lists), as it is read back from a partial.
     identity = json.loads(json.dumps({"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages),
                                       "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
+                                      "mask_gradient": mask_gradient,
                                       "batch_size": batch_size, "world_size": procs.world_size}))
     resume = None
     if partial and partial.exists():
@@ -278,7 +284,8 @@ def calibrate(
                                {"history": history, "seconds": seconds, "keep": list(keep), "finetune": finetune,
                                 "token_distill": token_distill, "logit_distill": logit_distill,
                                 "world_size": procs.world_size, "global_batch": batch_size * procs.world_size,
-                                "rank_weight_difference": differ, "precision": precision},
+                                "rank_weight_difference": differ, "precision": precision,
+                                "mask_gradient": mask_gradient},
                                backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
     if out and procs.main:
         save_predictors(out, ckpt, model, structure)

@@ -32,6 +32,19 @@ def prune_tokens(
     return torch.cat([special, kept, fused], dim=1)
 
 
+def scale_by_keep(tokens: torch.Tensor, mask: torch.Tensor, num_special: int, kept_idx: torch.Tensor) -> torch.Tensor:
+    """`tokens` (gathered by `kept_idx`, special tokens first) times 1 + (m - m.detach()), m the kept tokens' mask.
+
+    Exactly the identity in the forward pass, whatever the mask's value; in the backward pass each kept token's mask
+    entry gets <token, dL/dtoken>: the first-order change of the loss if the token were scaled away, through every
+    block after the gather (the gather's indices carry no gradient of their own).
+    """
+    m = mask[:, num_special:].gather(1, kept_idx)
+    m = 1.0 + (m - m.detach())
+    scale = torch.cat([torch.ones_like(mask[:, :num_special]), m], dim=1)
+    return tokens * scale.unsqueeze(-1).to(tokens.dtype)
+
+
 def token_positions(tokens: torch.Tensor, num_special: int) -> torch.Tensor:
     """(B, N, 1) float32: each token's index among the patch tokens of `tokens` (special tokens read -1).
 

@@ -9,6 +9,7 @@ from spot_compile.data import ImageSet
 from spot_compile.errors import CheckpointError
 from spot_compile.flops import count_flops
 from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.passes.insert_pruning import SPOT_TAG
 from spot_compile.passes.soft_pruning import SoftKeep, build_calibration_graph, kept_positions, tap_final_tokens
 from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors
 
@@ -49,6 +50,57 @@ def test_binary_mask_calibration_graph_equals_hard_pruning(overrides, stages, ke
         p.register_forward_hook(lambda m, i, o, s=s: scores.__setitem__(s, o) or o.retain_grad())
     student(x).sum().backward()
     assert all(scores[s].grad is not None and scores[s].grad.abs().sum() > 0 for s in stages)
+
+
+class _Scale(torch.nn.Module):
+    """Multiplies each token by its own weight (1 at start): the weight's gradient is <token, dL/dtoken>."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(shape))
+
+    def forward(self, tokens):
+        return tokens * self.weight
+
+
+def test_downstream_mask_gradient_adds_each_kept_tokens_scaling_gradient_and_leaves_the_output_alone():
+    # One stage, no noise: "downstream" must equal "block" in the forward pass, and in the backward pass give each kept
+    # token's score, on top of the block's gradient, sigmoid'(score) * <token, dL/dtoken> after the gather (every later
+    # block's first-order cost of scaling it away); dropped tokens' scores keep exactly the block's gradient.
+    model = small_vit()
+    captured = capture(model, example_input(model, None))
+    structure = find_blocks(captured)
+    special, stages, keep = structure.num_special, (1,), (30,)
+    predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
+    torch.manual_seed(2)
+    x, weights = torch.randn(4, 1, 16, 16), torch.randn(4, 10)
+    out, score, grad = {}, {}, {}
+    for mode in ("block", "downstream"):
+        student, keepers = build_calibration_graph(captured, stages, keep, predictors, noise=0.0, mask_gradient=mode)
+        gathers = [n for n in student.graph.nodes if n.meta.get(SPOT_TAG) == "calibration gather@1"]
+        scaled = [n for n in student.graph.nodes if n.target is ops.scale_by_keep]
+        assert len(gathers) == 1 and len(scaled) == (mode == "downstream")
+        if mode == "block":  # the probe: dL/dtoken . token for every token right after the gather
+            probe = _Scale((4, special + keep[0], 1))
+            student.add_submodule("probe", probe)
+            with student.graph.inserting_after(gathers[0]):
+                node = student.graph.call_module("probe", (gathers[0],))
+            gathers[0].replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            student.recompile()
+        student.train()
+        hook = predictors[1].register_forward_hook(lambda m, i, o: score.__setitem__(mode, o) or o.retain_grad())
+        out[mode] = student(x)
+        hook.remove()
+        (out[mode] * weights).sum().backward()
+        grad[mode] = score[mode].grad
+        kept = keepers[1].kept
+    assert torch.equal(out["block"], out["downstream"])
+    s = score["block"].detach()
+    expected = grad["block"].clone()
+    expected[:, special:].scatter_add_(1, kept, (torch.sigmoid(s) * (1 - torch.sigmoid(s)))[:, special:].gather(1, kept)
+                                       * probe.weight.grad[:, special:, 0])
+    torch.testing.assert_close(grad["downstream"], expected, atol=1e-6, rtol=1e-4)
+    assert (grad["downstream"] - grad["block"]).abs().amax() > 1e-5  # well above the tolerance: the check can fail
 
 
 def test_kept_positions_compose_the_stages_selections():

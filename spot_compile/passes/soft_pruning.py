@@ -12,11 +12,17 @@ through `passes.taps` as inference does:
     an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
   * after block j's attention residual, `ops.prune_tokens(x, mask, ..., kept)`: the kept tokens are gathered, and all
     later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`);
+  * with `mask_gradient="downstream"` (the default), `ops.scale_by_keep` right after that gather: the identity in the
+    forward pass, it gives each kept token's mask entry the gradient of scaling that token through every later block;
   * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
     the recipe can distill the surviving tokens towards the dense model's (`tap_final_tokens` puts one in a teacher).
 With a binary mask the output equals the pruned graph's (tested). DynamicViT masks every later block instead;
 gathering after the first one makes a calibration step of the shipped model 1.7x faster (2.85 -> 1.65 s at batch
-128 on 2 cores), at the cost of a gradient for the mask from one block's attention instead of all later blocks'.
+128 on 2 cores). With the gather alone ("block"), a score's only gradient is the key mask of the stage's block: what
+a token is worth downstream, where the gather removes it, never reaches the predictor, and at high keep ratios,
+where the top-k boundary lies in the background, that one block's estimate is noise (docs/spot.md). "downstream"
+adds the gradient of every later block for the kept tokens, at the cost of one multiply per stage; a dropped token
+still learns only from the stage's block (it is not computed further, as in inference).
 """
 
 from __future__ import annotations
@@ -104,11 +110,15 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
     return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
+MASK_GRADIENTS = ("downstream", "block")
+
+
 def build_calibration_graph(
-    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3
+    captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3,
+    mask_gradient: str = "downstream",
 ) -> tuple[GraphModule, dict[int, SoftKeep]]:
     """A calibration graph over a clone of `captured` (`SoftPruning` through `passes.pipeline`), and its keepers."""
-    soft = SoftPruning(stages, keep, scorers, noise)
+    soft = SoftPruning(stages, keep, scorers, noise, mask_gradient)
     gm = run_passes(clone_graph_module(captured), [soft]).graph_module
     return gm, soft.keepers
 
@@ -116,17 +126,22 @@ def build_calibration_graph(
 class SoftPruning(PassBase):
     """This module's pass (see the module docstring); `keepers` holds the `SoftKeep` of each stage once it ran."""
 
-    def __init__(self, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3) -> None:
-        self.stages, self.keep, self.scorers, self.noise = stages, keep, scorers, noise
+    def __init__(self, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3,
+                 mask_gradient: str = "downstream") -> None:
+        if mask_gradient not in MASK_GRADIENTS:
+            raise ValueError(f"mask_gradient must be one of {MASK_GRADIENTS}, got {mask_gradient!r}")
+        self.stages, self.keep, self.scorers, self.noise, self.mask_gradient = stages, keep, scorers, noise, mask_gradient
         self.keepers: dict[int, SoftKeep] = {}
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        self.keepers = _insert_soft_pruning(graph_module, self.stages, self.keep, self.scorers, self.noise)
+        self.keepers = _insert_soft_pruning(graph_module, self.stages, self.keep, self.scorers, self.noise,
+                                            self.mask_gradient == "downstream")
         return PassResult(graph_module, True)
 
 
 def _insert_soft_pruning(
-    gm: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float
+    gm: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float,
+    downstream: bool,
 ) -> dict[int, SoftKeep]:
     structure = find_blocks(gm)
     blocks, graph, special = structure.blocks, gm.graph, structure.num_special
@@ -172,9 +187,12 @@ def _insert_soft_pruning(
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
         residual = blocks[stage].attn_residual
         with graph.inserting_before(residual.next):
-            gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k, False, kept))
-        gathered.meta[SPOT_TAG] = f"calibration gather@{stage}"
-        residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+            gather = gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k, False, kept))
+            gather.meta[SPOT_TAG] = f"calibration gather@{stage}"
+            if downstream:
+                gathered = graph.call_function(ops.scale_by_keep, (gather, mask, special, kept))
+                gathered.meta[SPOT_TAG] = f"calibration downstream gradient@{stage}"
+        residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gather)
         final = gathered if final is residual else final
         TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
         gathers.append((stage + 1, mask, special, k, False, kept))

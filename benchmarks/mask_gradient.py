@@ -1,0 +1,117 @@
+"""Where a score's gradient comes from in calibration, measured by the selection it learns (docs/spot.md).
+
+    python benchmarks/mask_gradient.py          # -> docs/results/mask_gradient_cluttered.{json,md}
+
+For each `--gradients` mode of `calibrate(mask_gradient=...)` ("block": the key mask of the stage's block alone;
+"downstream": also every later block, for the kept tokens) and each calibration budget of `--calibrate-at`, SPOT's
+predictors are calibrated `--steps` steps on the frozen dense backbone (the first phase of fair_policies' "spot then
+tune", with its settings). Each set of predictors then selects alone on that same untuned backbone at every budget
+of `--budgets`, beside the class token's attention at the same stages and FLOPs: held-out test top-1 and the last
+stage's box precision. No backbone fine-tune, so the selection is the only thing that differs. Calibrations are cached
+in `--run-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import spot_compile as sc  # noqa: E402
+from benchmarks.fair_policies import BATCH, DATASETS, HIDDEN, LOGIT_DISTILL, PREDICTOR_LR, STAGES, boxes_of, load_model, progress_bar  # noqa: E402
+from benchmarks.result_table import write_results  # noqa: E402
+from spot_compile.calibration import calibrate  # noqa: E402
+from spot_compile.capture import capture, example_input  # noqa: E402
+from spot_compile.data import load_dataset  # noqa: E402
+from spot_compile.evaluation import box_precision  # noqa: E402
+from spot_compile.passes.find_blocks import find_blocks  # noqa: E402
+from spot_compile.passes.soft_pruning import MASK_GRADIENTS  # noqa: E402
+from spot_compile.predictors import PredictorConfig, load_predictor_checkpoint, load_predictor_metrics  # noqa: E402
+from spot_compile.preprocessing import model_normalization  # noqa: E402
+from spot_compile.streaming import training_datasets  # noqa: E402
+from spot_compile.training import accuracy  # noqa: E402
+from spot_compile.visualize import kept_patches  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="cluttered")
+    ap.add_argument("--gradients", default=",".join(MASK_GRADIENTS), help=f"comma-separated, from: {', '.join(MASK_GRADIENTS)}")
+    ap.add_argument("--calibrate-at", default="0.4,0.6", help="budgets the predictors are calibrated at")
+    ap.add_argument("--budgets", default="0.3,0.4,0.6", help="budgets each selection is tested at")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision-images", type=int, default=2000)
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/mask-gradient"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--name", help="results file stem (default: mask_gradient_<dataset>)")
+    args = ap.parse_args()
+    console = Console()
+    gradients = [g.strip() for g in args.gradients.split(",") if g.strip()]
+    unknown = [g for g in gradients if g not in MASK_GRADIENTS]
+    if unknown:
+        raise SystemExit(f"error: unknown gradient mode(s) {unknown}; choose from {', '.join(MASK_GRADIENTS)}")
+    calibrate_at = tuple(float(b) for b in args.calibrate_at.split(","))
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    base, data = DATASETS[args.dataset]
+    model = load_model(base)
+    test = load_dataset(data, "test", model.cfg.img_size, model.cfg.in_chans)
+    boxes = boxes_of(data)
+    probe = model_normalization(model)(test.images[: args.precision_images])
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+
+    calibrated = {}
+    for gradient in gradients:
+        for at in calibrate_at:
+            out = args.run_dir / f"{args.dataset}-{gradient}-at{at:g}-{args.steps}steps-seed{args.seed}.pt"
+            if not out.is_file():
+                console.rule(f"calibrating: {gradient} gradient at budget {at:g}")
+                train, val = training_datasets(data, 5000, channels=model.cfg.in_chans)
+                calibrate(load_model(base), train, val, at, stages=STAGES, epochs=-(-args.steps // (len(train) // BATCH)),
+                          max_steps=args.steps, batch_size=BATCH, lr=PREDICTOR_LR, predictor=PredictorConfig(hidden=HIDDEN),
+                          logit_distill=LOGIT_DISTILL, mask_gradient=gradient, out=out, console=console, workers=0,
+                          seed=args.seed)
+            calibrated[(gradient, at)] = out
+
+    structure = find_blocks(capture(model, example_input(model, None)))
+    runs = [("class attention", None, None), *((g, at, path) for (g, at), path in calibrated.items())]
+    rows = []
+    with progress_bar(console) as progress:
+        task = progress.add_task("evaluating", total=len(runs) * len(budgets))
+        for gradient, at, path in runs:
+            learned = load_predictor_checkpoint(path, model, structure).predictors if path else None
+            seconds = float(load_predictor_metrics(path)["seconds"]) if path else 0.0
+            for budget in budgets:
+                config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot" if path else "class-attention")
+                sparse = sc.sparsify(model, config, scorers=learned)
+                bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], model.cfg.patch_size)
+                rows.append({"selection": "spot" if path else "class-attention", "mask_gradient": gradient if path else None,
+                             "calibrated_at": at, "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
+                             "top1": accuracy(sparse, test), "box_precision": bp.precision, "box_share": bp.box_share,
+                             "calibration_seconds": seconds})
+                progress.advance(task)
+    cells = []
+    for gradient, at, _ in runs:
+        mine = {r["budget"]: r for r in rows if r["calibrated_at"] == at and (r["mask_gradient"] or "class attention") == gradient}
+        label = f"spot, {gradient} gradient, calibrated at {at:g}" if at else gradient
+        cells.append([label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
+                               for b in budgets)])
+    share = rows[0]["box_share"]
+    preamble = (f"Top-1 on {len(test)} held-out {args.dataset} test images; the untuned dense backbone, stages {STAGES}, "
+                f"predictors calibrated {args.steps} steps of {BATCH} on it (frozen), seed {args.seed}; in brackets the last "
+                f"stage's box precision ({len(probe)} images; the box holds {share:.0f}% of the tokens). "
+                f"`python benchmarks/mask_gradient.py --steps {args.steps} --calibrate-at {args.calibrate_at} "
+                f"--budgets {args.budgets}{f' --seed {args.seed}' if args.seed else ''}`.")
+    write_results(console, args.out_dir, args.name or f"mask_gradient_{args.dataset}", "mask gradient: selection alone",
+                  ["selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
+                  {"rows": rows, "steps": args.steps, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
+                   "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()
