@@ -31,7 +31,7 @@ def images():
     return torch.randn(3, 1, 16, 16)
 
 
-def calibration_and_pruned_graphs(model, stages, keep, predictors):
+def calibration_and_pruned_graphs(model, stages, keep, predictors, mask_gradient="downstream"):
     """(calibration graph in eval mode, its SoftKeep modules, the pruned inference graph) for the same predictors."""
     import spot_compile as sc
     from spot_compile.capture import capture, example_input
@@ -39,7 +39,7 @@ def calibration_and_pruned_graphs(model, stages, keep, predictors):
 
     captured = capture(model, example_input(model, None))
     sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
-    student, keepers = build_calibration_graph(captured, stages, keep, predictors)
+    student, keepers = build_calibration_graph(captured, stages, keep, predictors, mask_gradient=mask_gradient)
     student.eval()
     for k in keepers.values():
         k.eval()

@@ -110,7 +110,7 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
     return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
-MASK_GRADIENTS = ("downstream", "block")
+MASK_GRADIENTS = ("downstream", "keys", "block")
 
 
 def build_calibration_graph(
@@ -135,13 +135,13 @@ class SoftPruning(PassBase):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         self.keepers = _insert_soft_pruning(graph_module, self.stages, self.keep, self.scorers, self.noise,
-                                            self.mask_gradient == "downstream")
+                                            self.mask_gradient)
         return PassResult(graph_module, True)
 
 
 def _insert_soft_pruning(
     gm: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float,
-    downstream: bool,
+    mask_gradient: str,
 ) -> dict[int, SoftKeep]:
     structure = find_blocks(gm)
     blocks, graph, special = structure.blocks, gm.graph, structure.num_special
@@ -151,7 +151,8 @@ def _insert_soft_pruning(
     final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
     gathers: list[tuple] = []  # (first block after it, *the gather's selection: mask, special, keep, False, kept)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
-    for stage, k in zip(stages, keep):
+    carried: Node | None = None  # "keys": the kept tokens' straight-through mask since the last stage, 1 when read
+    for i, (stage, k) in enumerate(zip(stages, keep)):
         stream = blocks[stage].input
         scorer = scorers[stage]
         gm.add_submodule(f"spot_scorer_{stage}", scorer)
@@ -182,20 +183,28 @@ def _insert_soft_pruning(
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", **kwargs)
             decision = emit(f"spot_keep_{stage}", scores, op="call_module")
             mask, kept = emit(operator.getitem, decision, 0), emit(operator.getitem, decision, 1)
+            attend = mask if carried is None else emit(torch.mul, mask, carried)
         masks[stage] = mask
-        _mask_attention(gm, blocks[stage], mask, qk)
+        _mask_attention(gm, blocks[stage], attend, qk)
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
         residual = blocks[stage].attn_residual
         with graph.inserting_before(residual.next):
             gather = gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k, False, kept))
             gather.meta[SPOT_TAG] = f"calibration gather@{stage}"
-            if downstream:
+            if mask_gradient == "downstream":
                 gathered = graph.call_function(ops.scale_by_keep, (gather, mask, special, kept))
                 gathered.meta[SPOT_TAG] = f"calibration downstream gradient@{stage}"
         residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gather)
         final = gathered if final is residual else final
         TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
         gathers.append((stage + 1, mask, special, k, False, kept))
+        if mask_gradient == "keys":  # every block up to the next stage attends under the kept tokens' mask
+            with graph.inserting_after(kept if attend is mask else attend):  # after both of its inputs
+                carried = graph.call_function(ops.kept_mask, (attend, special, kept))
+            carried.meta[SPOT_TAG] = f"calibration key mask@{stage}"
+            carried.meta["val"] = fake_execute(gm, carried)
+            for block in blocks[stage + 1:stages[i + 1] if i + 1 < len(stages) else len(blocks)]:
+                _mask_attention(gm, block, carried, qk)
     tap_final_tokens(gm, final)
     return keepers
 
