@@ -106,7 +106,7 @@ def main() -> None:
                 f"predictors calibrated {args.steps} steps of {BATCH} on it (frozen), seed {args.seed}; in brackets the last "
                 f"stage's box precision ({len(probe)} images; the box holds {share:.0f}% of the tokens). "
                 f"`python benchmarks/mask_gradient.py --steps {args.steps} --calibrate-at {args.calibrate_at} "
-                f"--budgets {args.budgets}{f' --seed {args.seed}' if args.seed else ''}`.")
+                f"--budgets {args.budgets} --gradients {','.join(gradients)}{f' --seed {args.seed}' if args.seed else ''}`.")
     write_results(console, args.out_dir, args.name or f"mask_gradient_{args.dataset}", "mask gradient: selection alone",
                   ["selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
                   {"rows": rows, "steps": args.steps, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
