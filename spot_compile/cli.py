@@ -209,6 +209,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
+@click.option("--mask-gradient", type=click.Choice(["downstream", "block"]), default="downstream", show_default=True,
+              help="Where a score's gradient comes from: the stage's block and, for kept tokens, every later block "
+                   "(downstream), or the stage's block alone (block; what calibrations before 2026-12-02 used).")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")
@@ -240,7 +243,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
                    "random-resized-crop).")
 @normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
+              noise, mask_gradient, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
               logit_distill, out, save_every, workers, device, precision, augment, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
@@ -267,7 +270,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
         logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing, workers=workers, device=device,
-        precision=precision)
+        precision=precision, mask_gradient=mask_gradient)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

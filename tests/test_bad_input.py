@@ -316,6 +316,7 @@ def test_an_unwritable_output_is_refused_before_the_model_is_loaded(tmp_path, co
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--max-steps", "0"], "Invalid value for '--max-steps'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--val-size", "0"], "Invalid value for '--val-size'"),
+    (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--mask-gradient", "keys"], "Invalid value for '--mask-gradient'"),
     (["bench", "MODEL", "--batches", "0"], "batch sizes must be at least 1"),
     (["bench", "MODEL", "--batches", "-1"], "batch sizes must be at least 1"),
     (["bench", "MODEL", "--repeats", "0"], "Invalid value for '--repeats'"),
@@ -332,7 +333,8 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
 @pytest.mark.parametrize("kw,error", [
     (dict(batch_size=0), UsageError), (dict(epochs=0), UsageError), (dict(max_steps=0), UsageError),
     (dict(batch_size=64), DataError),  # more than the 12 training images
-], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data"])
+    (dict(mask_gradient="keys"), UsageError),
+], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
     from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet
