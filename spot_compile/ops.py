@@ -33,20 +33,16 @@ def prune_tokens(
 
 
 def scale_by_keep(tokens: torch.Tensor, mask: torch.Tensor, num_special: int, kept_idx: torch.Tensor) -> torch.Tensor:
-    """`tokens` (gathered by `kept_idx`, special tokens first) times `kept_mask(mask, ...)`.
+    """`tokens` (gathered by `kept_idx`, special tokens first) times 1 + (m - m.detach()), m the kept tokens' entries
+    of the straight-through `mask` (B, N).
 
     Exactly the identity in the forward pass, whatever the mask's value; in the backward pass each kept token's mask
     entry gets <token, dL/dtoken>: the first-order change of the loss if the token's residual stream were scaled
     away, through every block after the gather (the gather's indices carry no gradient of their own).
     """
-    return tokens * kept_mask(mask, num_special, kept_idx).unsqueeze(-1).to(tokens.dtype)
-
-
-def kept_mask(mask: torch.Tensor, num_special: int, kept_idx: torch.Tensor) -> torch.Tensor:
-    """(B, num_special + keep): the kept tokens' entries of a straight-through `mask` (B, N), read as exactly 1 in
-    the forward pass (1 + (m - m.detach())) and passing their gradient to `mask` in the backward pass; special tokens 1."""
     m = mask[:, num_special:].gather(1, kept_idx)
-    return torch.cat([torch.ones_like(mask[:, :num_special]), 1.0 + (m - m.detach())], dim=1)
+    scale = torch.cat([torch.ones_like(mask[:, :num_special]), 1.0 + (m - m.detach())], dim=1)
+    return tokens * scale.unsqueeze(-1).to(tokens.dtype)
 
 
 def token_positions(tokens: torch.Tensor, num_special: int) -> torch.Tensor:
