@@ -29,6 +29,7 @@ from benchmarks.fair_policies import DATASETS, HIDDEN, LOGIT_DISTILL, STAGES, bo
 from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.capture import capture, example_input  # noqa: E402
 from spot_compile.data import load_dataset  # noqa: E402
+from spot_compile.evaluation import patches_in_box  # noqa: E402
 from spot_compile.passes.find_blocks import find_blocks  # noqa: E402
 from spot_compile.passes.soft_pruning import MASK_GRADIENTS, build_calibration_graph, kept_positions  # noqa: E402
 from spot_compile.predictors import PredictorConfig, load_predictor_checkpoint, make_predictors  # noqa: E402
@@ -36,15 +37,6 @@ from spot_compile.preprocessing import model_normalization  # noqa: E402
 from spot_compile.training import logits_of  # noqa: E402
 
 GROUPS = ("kept garment", "kept background", "dropped garment", "dropped background")
-
-
-def inside_box(boxes: torch.Tensor, side: int, patch: int) -> torch.Tensor:
-    """(B, side*side) bool: patch tokens whose centre lies in the box (as `evaluation.box_precision` counts them)."""
-    centre = torch.arange(side, dtype=torch.float32) * patch + patch / 2
-    top, left, height, width = (boxes[:, i, None].float() for i in range(4))
-    rows = (centre[None] >= top) & (centre[None] < top + height)
-    cols = (centre[None] >= left) & (centre[None] < left + width)
-    return (rows[:, :, None] & cols[:, None, :]).flatten(1)
 
 
 def pushes(model, captured, predictors, keep, x, y, teacher, inside, mode) -> dict[int, dict[str, float]]:
@@ -90,8 +82,7 @@ def main() -> None:
     x, y = model_normalization(model)(test.images[: args.images]), test.labels[: args.images]
     captured = capture(model, example_input(model, None))
     structure = find_blocks(captured)
-    side = int(round((structure.tokens - structure.num_special) ** 0.5))
-    inside = inside_box(boxes_of(data)[: args.images], side, model.cfg.patch_size)
+    inside = patches_in_box(boxes_of(data)[: args.images], structure.tokens - structure.num_special, model.cfg.patch_size)
     with torch.no_grad():
         teacher = logits_of(model(x)).float()
     rows = []

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .config import DEFAULT_POLICY
 from .errors import SpotError
+from .passes.soft_pruning import MASK_GRADIENTS
 from .policies import policy_class, policy_help, policy_names
 
 console = Console()
@@ -209,7 +210,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
-@click.option("--mask-gradient", type=click.Choice(["downstream", "block"]), default="downstream", show_default=True,
+@click.option("--mask-gradient", type=click.Choice(MASK_GRADIENTS), default=MASK_GRADIENTS[0], show_default=True,
               help="Where a score's gradient comes from: the stage's block and, for kept tokens, every later block "
                    "(downstream), or the stage's block alone (block; what calibrations before 2026-12-02 used).")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,

@@ -52,18 +52,24 @@ class BoxPrecision:
         return self.precision / self.box_share if self.box_share else float("nan")
 
 
-def box_precision(kept: torch.Tensor, boxes: torch.Tensor, patch: int) -> BoxPrecision:
-    """Whether a policy finds the object: `kept` (B, P) bool, the patch tokens alive after a stage (row-major on a
-    square grid of `patch`-pixel patches, as `visualize.kept_patches` gives them); `boxes` (B, 4) the object's
-    top, left, height, width in pixels. Pooled over the batch."""
-    side = int(round(kept.shape[1] ** 0.5))
-    if side * side != kept.shape[1]:
-        raise DataError(f"{kept.shape[1]} patch tokens are not a square grid")
+def patches_in_box(boxes: torch.Tensor, patches: int, patch: int) -> torch.Tensor:
+    """(B, patches) bool: the patch tokens (row-major on a square grid of `patch`-pixel patches) whose centre lies in
+    each image's box, `boxes` (B, 4) as top, left, height, width in pixels."""
+    side = int(round(patches ** 0.5))
+    if side * side != patches:
+        raise DataError(f"{patches} patch tokens are not a square grid")
     centre = torch.arange(side, dtype=torch.float32) * patch + patch / 2
     top, left, height, width = (boxes[:, i, None].float() for i in range(4))
     rows = (centre[None] >= top) & (centre[None] < top + height)  # (B, side)
     cols = (centre[None] >= left) & (centre[None] < left + width)
-    inside = (rows[:, :, None] & cols[:, None, :]).flatten(1)  # (B, P)
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1)
+
+
+def box_precision(kept: torch.Tensor, boxes: torch.Tensor, patch: int) -> BoxPrecision:
+    """Whether a policy finds the object: `kept` (B, P) bool, the patch tokens alive after a stage (row-major on a
+    square grid of `patch`-pixel patches, as `visualize.kept_patches` gives them); `boxes` (B, 4) the object's
+    top, left, height, width in pixels. Pooled over the batch."""
+    inside = patches_in_box(boxes, kept.shape[1], patch)
     kept = kept.bool()
     precision = 100.0 * float((kept & inside).sum()) / max(int(kept.sum()), 1)
     return BoxPrecision(precision, 100.0 * float(inside.float().mean()))
