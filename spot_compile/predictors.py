@@ -94,9 +94,16 @@ class SpotPredictor(nn.Module):
             nn.init.zeros_(self.mix[3].weight)
             nn.init.zeros_(self.mix[3].bias)
 
-    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, positions: torch.Tensor | None = None,
+                live: torch.Tensor | None = None) -> torch.Tensor:
+        """`live` (B, N), 1 for the tokens still alive, where a calibration graph keeps dropped tokens in the stream
+        (`mask_gradient="full"`): the context is then their mean alone, as it is when the dropped ones are gone."""
         h = self._features(tokens, descriptors[-1], descriptors[-2] if len(descriptors) > 1 else descriptors[-1])
-        context = h.mean(dim=1, keepdim=True)
+        if live is None:
+            context = h.mean(dim=1, keepdim=True)
+        else:
+            w = live.to(h.dtype).unsqueeze(-1)
+            context = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
         first, last = self.mix[1], self.mix[3]
         hid = h.shape[-1]
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)

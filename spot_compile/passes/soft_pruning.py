@@ -64,18 +64,27 @@ class SoftKeep(nn.Module):
         self.soft_ratio: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None  # (B, keep) indices of the kept patch tokens, in token order
 
-    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, scores: torch.Tensor, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`live` (B, N), the mask of the tokens still alive where dropped tokens stay in the stream ("full"): the
+        top-k then picks among them, the returned indices count all patch tokens, and `kept` stays relative to the
+        previous stage's kept tokens (what `kept_positions` composes)."""
         special = torch.arange(scores.shape[1], device=scores.device) < self.num_special
         noisy = scores
         if self.training and self.noise > 0:
             u = torch.rand_like(scores).clamp_(1e-6, 1 - 1e-6)
             noisy = scores - self.noise * torch.log(-torch.log(u))
-        idx = noisy.masked_fill(special, float("-inf")).topk(self.keep, dim=1).indices
-        self.kept = idx.sort(dim=1).values - self.num_special
+        excluded = special if live is None else special | (live.detach() == 0)
+        idx = noisy.masked_fill(excluded, float("-inf")).topk(self.keep, dim=1).indices.sort(dim=1).values
         hard = torch.zeros_like(scores).scatter(1, idx, 1.0).masked_fill(special, 1.0)
         soft = torch.sigmoid(scores).masked_fill(special, 1.0)
-        self.soft_ratio = soft[:, self.num_special:].mean(1)
-        return hard + soft - soft.detach(), self.kept
+        if live is None:
+            self.kept = idx - self.num_special
+            self.soft_ratio = soft[:, self.num_special:].mean(1)
+        else:
+            alive = live.detach()[:, self.num_special:]
+            self.kept = (alive.cumsum(1) - 1).long().gather(1, idx - self.num_special)
+            self.soft_ratio = (soft[:, self.num_special:] * alive).sum(1) / alive.sum(1)
+        return hard + soft - soft.detach(), idx - self.num_special
 
 
 class TokenTap(nn.Module):
@@ -114,7 +123,7 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
     return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
-MASK_GRADIENTS = ("downstream", "block")
+MASK_GRADIENTS = ("downstream", "block", "full")
 
 
 def build_calibration_graph(
@@ -153,6 +162,8 @@ def _insert_soft_pruning(
     keepers: dict[int, SoftKeep] = {}
     masks: dict[int, Node] = {}  # stage block -> the keep mask its attention uses
     final = blocks[-1].output  # replaced by its gather if the last block is a stage with no MLP
+    live: Node | None = None  # "full": the product of the stages' masks so far
+    last: tuple[Node, int] = ()  # "full": the last stage's kept indices (into all patch tokens) and their count
     gathers: list[tuple] = []  # (first block after it, *the gather's selection: mask, special, keep, False, kept)
     descriptors: dict[int, tuple[Node, int]] = {}  # block -> (descriptor node, how many of its gathers it has followed)
     for stage, k in zip(stages, keep):
@@ -180,28 +191,48 @@ def _insert_soft_pruning(
                 node = follow(emit, node, later[followed:])
                 descriptors[b.index] = (node, len(later))
                 taps.append(node)
-            kwargs = {}
+            kwargs = {} if live is None else {"live": live}
             if getattr(scorer, "positions", False):
                 kwargs["positions"] = grid_positions(gm, emit, structure, [g[1:] for g in gathers])
             scores = emit(f"spot_scorer_{stage}", stream, *taps, op="call_module", **kwargs)
-            decision = emit(f"spot_keep_{stage}", scores, op="call_module")
+            decision = emit(f"spot_keep_{stage}", scores, *([live] if live is not None else []), op="call_module")
             mask, kept = emit(operator.getitem, decision, 0), emit(operator.getitem, decision, 1)
+            if mask_gradient == "full":  # a token dropped at any stage so far stays dropped
+                live = mask if live is None else emit(torch.ops.aten.mul.Tensor, mask, live)
+        if mask_gradient == "full":
+            # Dropped tokens stay in the stream, and every block from here on attends under the live mask.
+            for b in blocks[stage:next(iter(s for s in stages if s > stage), len(blocks))]:
+                masks[b.index] = live
+                _mask_attention(gm, b, live, qk)
+            last = (kept, k)
+            continue
         masks[stage] = mask
         _mask_attention(gm, blocks[stage], mask, qk)
         # Past the block's attention its dropped tokens are never read again (the MLP is per token): gather the kept ones.
         residual = blocks[stage].attn_residual
-        with graph.inserting_before(residual.next):
-            gather = gathered = graph.call_function(ops.prune_tokens, (residual, mask, special, k, False, kept))
-            gather.meta[SPOT_TAG] = f"calibration gather@{stage}"
-            if mask_gradient == "downstream":
-                gathered = graph.call_function(ops.scale_by_keep, (gather, mask, special, kept))
-                gathered.meta[SPOT_TAG] = f"calibration downstream gradient@{stage}"
-        residual.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gather)
+        gathered = _gather_and_scale(gm, residual, mask, special, kept, k, stage, scale=mask_gradient == "downstream")
         final = gathered if final is residual else final
-        TokenPropagation(gm, residual, {int(residual.meta["val"].shape[1]): special + k}, f"block {stage}").run()
         gathers.append((stage + 1, mask, special, k, False, kept))
+    if mask_gradient == "full":  # the survivors are gathered once, after the last block, for the head
+        final = _gather_and_scale(gm, final, live, special, *last, "end")
     tap_final_tokens(gm, final)
     return keepers
+
+
+def _gather_and_scale(gm: GraphModule, stream: Node, mask: Node, special: int, kept: Node, k: int, where,
+                      scale: bool = True) -> Node:
+    """`stream`'s kept tokens (`ops.prune_tokens`), then, with `scale`, `ops.scale_by_keep` on them, in place of
+    `stream` for every later node; later shapes are re-derived (`TokenPropagation`). Returns the node now read."""
+    graph = gm.graph
+    with graph.inserting_before(stream.next):
+        gather = gathered = graph.call_function(ops.prune_tokens, (stream, mask, special, k, False, kept))
+        gather.meta[SPOT_TAG] = f"calibration gather@{where}"
+        if scale:
+            gathered = graph.call_function(ops.scale_by_keep, (gather, mask, special, kept))
+            gathered.meta[SPOT_TAG] = f"calibration downstream gradient@{where}"
+    stream.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gather)
+    TokenPropagation(gm, stream, {int(stream.meta["val"].shape[1]): special + k}, f"block {where}").run()
+    return gathered
 
 
 def _mask_attention(gm: GraphModule, block, mask: Node, qk: dict) -> None:
