@@ -52,6 +52,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ and recipes/ are folders of scripts
 import spot_compile as sc  # noqa: E402
+from benchmarks.arguments import add_results_arguments, comma_choices  # noqa: E402
 from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.calibration import calibrate  # noqa: E402
 from spot_compile.capture import capture, example_input  # noqa: E402
@@ -60,6 +61,7 @@ from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dat
 from spot_compile.errors import BudgetError  # noqa: E402
 from spot_compile.evaluation import box_precision  # noqa: E402
 from spot_compile.outputs import save_atomically  # noqa: E402
+from spot_compile.passes.soft_pruning import MASK_GRADIENTS  # noqa: E402
 from spot_compile.policies import policy_class  # noqa: E402
 from spot_compile.predictors import SIGNALS, PredictorConfig, load_predictor_metrics, save_predictors  # noqa: E402
 from spot_compile.preprocessing import model_normalization, model_preprocessing  # noqa: E402
@@ -94,7 +96,7 @@ class Arm:
     then_tune: bool = False  # SPOT arms: calibrate on the frozen backbone, then tune it as the training-free arms are
     anchor: bool = False  # SPOT arms: predictors that start from the class token's attention (PredictorConfig.anchor)
     predictor_budget: float | None = None  # "then tune" arms: calibrate the predictors at this budget, not --tune-budget
-    mask_gradient: str = "downstream"  # SPOT arms: where a score's gradient comes from (calibrate's mask_gradient)
+    mask_gradient: str = MASK_GRADIENTS[0]  # SPOT arms: where a score's gradient comes from (calibrate's mask_gradient)
 
     @property
     def spot(self) -> bool:
@@ -267,8 +269,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
     ap.add_argument("--precision-images", type=int, default=2000, help="test images the box precision is measured on")
     ap.add_argument("--run-dir", type=Path)
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    ap.add_argument("--name", help="results file stem (default: fair_<dataset>)")
+    add_results_arguments(ap, "fair_<dataset>")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager fine-tunes (for a quick check)")
     args = ap.parse_args()
     console = Console()
@@ -277,10 +278,7 @@ def main() -> None:
     seeded = f"-seed{args.seed}" if args.seed else ""
     args.run_dir = args.run_dir or Path("runs/fair") / f"{args.dataset}-{args.steps}steps-tuned{args.tune_budget:g}{seeded}"
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    names = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    names = comma_choices(args.arms, ARMS, "arm(s)")
     budgets = args.budget_list = tuple(float(b) for b in args.budgets.split(","))
     if args.steps == 0 and any(ARMS[n].spot for n in names):
         raise SystemExit("error: the spot arms are calibrated: give --steps > 0, or choose training-free --arms")

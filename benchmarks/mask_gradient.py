@@ -23,6 +23,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
+from benchmarks.arguments import add_results_arguments, comma_choices  # noqa: E402
 from benchmarks.fair_policies import BATCH, DATASETS, HIDDEN, LOGIT_DISTILL, PREDICTOR_LR, STAGES, boxes_of, load_model, progress_bar  # noqa: E402
 from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.calibration import calibrate  # noqa: E402
@@ -48,14 +49,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision-images", type=int, default=2000)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/mask-gradient"))
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    ap.add_argument("--name", help="results file stem (default: mask_gradient_<dataset>)")
+    add_results_arguments(ap, "mask_gradient_<dataset>")
     args = ap.parse_args()
     console = Console()
-    gradients = [g.strip() for g in args.gradients.split(",") if g.strip()]
-    unknown = [g for g in gradients if g not in MASK_GRADIENTS]
-    if unknown:
-        raise SystemExit(f"error: unknown gradient mode(s) {unknown}; choose from {', '.join(MASK_GRADIENTS)}")
+    gradients = comma_choices(args.gradients, MASK_GRADIENTS, "gradient mode(s)")
     calibrate_at = tuple(float(b) for b in args.calibrate_at.split(","))
     budgets = tuple(float(b) for b in args.budgets.split(","))
     base, data = DATASETS[args.dataset]

@@ -64,7 +64,7 @@ def calibrate(
     input_size: int | None = None, compile: bool = True, noise: float = 0.3, finetune: bool = False,
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
     preprocessing: Preprocessing | None = None, workers: int | None = None, device: str | torch.device | None = "cpu",
-    precision: str = "fp32", backbone_from_scores: bool = True, mask_gradient: str = "downstream",
+    precision: str = "fp32", backbone_from_scores: bool = True, mask_gradient: str = MASK_GRADIENTS[0],
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -93,7 +93,8 @@ def calibrate(
     so the backbone learns only from the loss through the tokens it keeps, not from what would move the scores.
 
     `mask_gradient` is where a score's gradient comes from (`passes.soft_pruning`): "downstream" (default), the
-    stage's block and, for the kept tokens, every later block; "block", the stage's block alone.
+    stage's block and, for the kept tokens, every later block; "block", the stage's block alone; "full", DynamicViT's
+    masking: dropped tokens stay in the stream as keys weighted by their mask in every later block (a step costs more).
     """
     device = resolve_device(device, local_rank())
     workers = default_workers(device) if workers is None else workers

@@ -31,12 +31,13 @@ def images():
     return torch.randn(3, 1, 16, 16)
 
 
-def calibration_and_pruned_graphs(model, stages, keep, predictors, mask_gradient="downstream"):
+def calibration_and_pruned_graphs(model, stages, keep, predictors, mask_gradient=None):
     """(calibration graph in eval mode, its SoftKeep modules, the pruned inference graph) for the same predictors."""
     import spot_compile as sc
     from spot_compile.capture import capture, example_input
-    from spot_compile.passes.soft_pruning import build_calibration_graph
+    from spot_compile.passes.soft_pruning import MASK_GRADIENTS, build_calibration_graph
 
+    mask_gradient = mask_gradient or MASK_GRADIENTS[0]
     captured = capture(model, example_input(model, None))
     sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, mask_gradient=mask_gradient)

@@ -112,6 +112,54 @@ def test_downstream_mask_gradient_adds_each_kept_tokens_scaling_gradient_and_lea
     assert (grad["downstream"] - grad["block"]).abs().amax() > 1e-5  # well above the tolerance: the check can fail
 
 
+def test_full_mask_gradient_weighs_each_token_as_a_key_in_every_later_block():
+    # "full" keeps dropped tokens in the stream and weighs each token as a key by its mask entry in every block from
+    # the stage on. So with the mask forced to all ones, the graph is the dense model (class-token head), which "block",
+    # whose gather removes the dropped tokens, is not; and a dropped token's mask gradient, the first-order value of
+    # giving it back to every later block, differs from "block"'s one-block estimate.
+    model = small_vit().double()
+    captured = capture(model, example_input(model, None).double())
+    structure = find_blocks(captured)
+    special, stages, keep = structure.num_special, (1,), (30,)
+    predictors = make_predictors(structure, stages, PredictorConfig(hidden=16))
+    torch.manual_seed(2)
+    x, weights = torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    grads, outputs = {}, {}
+    for mode in ("block", "full"):
+        student, keepers = build_calibration_graph(captured, stages, keep, predictors.copy(), noise=0.0,
+                                                   mask_gradient=mode)
+        student.double().train()
+        delta = torch.zeros(4, 65, dtype=torch.float64, requires_grad=True)
+        ones = {"on": False}
+
+        def shift(module, inputs, out):
+            mask = torch.ones_like(out[0]) if ones["on"] else out[0]
+            return mask + delta, out[1]
+
+        keepers[1].register_forward_hook(shift)
+        (student(x) * weights).sum().backward()
+        dropped = torch.ones(4, 64, dtype=torch.bool).scatter(1, keepers[1].kept, False)
+        grads[mode] = delta.grad[:, special:][dropped]
+        with torch.no_grad():
+            ones["on"] = True
+            outputs[mode] = student(x)
+        if mode == "full":  # the gradient is the loss's derivative: central differences on one dropped token
+            b, i = dropped.nonzero()[0].tolist()
+            with torch.no_grad():
+                ones["on"] = False
+                fd = []
+                for eps in (1e-4, -1e-4):
+                    delta[b, special + i] = eps
+                    fd.append((student(x) * weights).sum())
+            torch.testing.assert_close((fd[0] - fd[1]) / 2e-4, grads["full"][dropped[:b].sum() + dropped[b, :i].sum()],
+                                       rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        dense = model(x)
+    torch.testing.assert_close(outputs["full"], dense)
+    assert (outputs["block"] - dense).abs().amax() > 1e-3
+    assert (grads["full"] - grads["block"]).abs().amax() > 1e-3 * grads["block"].abs().amax()
+
+
 def test_kept_positions_compose_the_stages_selections():
     first, second = SoftKeep(1, 4), SoftKeep(1, 2)
     first.eval(), second.eval()

@@ -16,17 +16,22 @@ through `passes.taps` as inference does:
     forward pass, it gives each kept token's mask entry the gradient of scaling that token through every later block;
   * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
     the recipe can distill the surviving tokens towards the dense model's (`tap_final_tokens` puts one in a teacher).
-With a binary mask the output equals the pruned graph's (tested). DynamicViT masks every later block instead;
-gathering after the first one makes a calibration step of the shipped model 1.7x faster (2.85 -> 1.65 s at batch
-128 on 2 cores). With the gather alone ("block"), a score's only gradient is the key mask of the stage's block: what
-a token is worth downstream, where the gather removes it, never reaches the predictor, and at high keep ratios,
-where the top-k boundary lies in the background, that one block's estimate is noise (docs/spot.md). "downstream"
-adds the gradient of every later block for the kept tokens' residual streams, at the cost of one multiply per stage;
-a dropped token still learns only from the stage's block (it is not computed further, as in inference). Measured
-(benchmarks/mask_gradient.py, docs/spot.md): calibrated at 0.6, the selection alone scores 64.03 % with
-"downstream" against 61.45 % with "block"; at 0.4, 63.77 against 64.05. Masking every later block's keys with the
-kept tokens' mask as well (DynamicViT's gradient, for the kept tokens alone; commit b9c4e0b) made the training loss
-rise and the selection far worse (55.83 % at 0.4), so it is not offered.
+With `mask_gradient="full"` (DynamicViT's masking) there is no gather at the stages: dropped tokens stay in the
+stream, every block from the first stage on attends under the product of the stages' masks so far (`live`), a later
+stage's `SoftKeep` picks its top-k among the live tokens and the predictor's context is their mean (`live=`), and one
+gather after the last block (then `ops.scale_by_keep`) hands the survivors to the head.
+With a binary mask the output equals the pruned graph's, in every mode (tested).
+
+Why the gather: with it ("block"), a score's only gradient is the key mask of the stage's block: what a token is
+worth downstream, where the gather removes it, never reaches the predictor, and at high keep ratios, where the top-k
+boundary lies in the background, that one block's estimate is noise (docs/spot.md). "downstream" adds the gradient
+of every later block for the kept tokens' residual streams, at the cost of one multiply per stage; a dropped token
+still learns only from the stage's block. "full" gives dropped tokens every later block's gradient too, at the cost
+of computing them there. Measured (benchmarks/mask_gradient.py, docs/spot.md; selection alone, 150 steps):
+calibrated at 0.6, 64.03 % with "downstream", 61.45 % with "block", 61.99 % with "full"; calibrated at 0.4, 63.77,
+64.05 and 60.69 %. Withdrawn after measuring (docs/spot.md): masking later blocks' keys for the kept tokens alone
+("keys", commit b9c4e0b; 55.83 % at 0.4), and cutting the dropped tokens' gradient ("kept"; validation 37.64 % at 0.4,
+the training loss rising from the first steps).
 """
 
 from __future__ import annotations
@@ -123,12 +128,12 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
     return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
-MASK_GRADIENTS = ("downstream", "block", "full")
+MASK_GRADIENTS = ("downstream", "block", "full")  # the first is the default
 
 
 def build_calibration_graph(
     captured: GraphModule, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3,
-    mask_gradient: str = "downstream",
+    mask_gradient: str = MASK_GRADIENTS[0],
 ) -> tuple[GraphModule, dict[int, SoftKeep]]:
     """A calibration graph over a clone of `captured` (`SoftPruning` through `passes.pipeline`), and its keepers."""
     soft = SoftPruning(stages, keep, scorers, noise, mask_gradient)
@@ -140,7 +145,7 @@ class SoftPruning(PassBase):
     """This module's pass (see the module docstring); `keepers` holds the `SoftKeep` of each stage once it ran."""
 
     def __init__(self, stages: tuple[int, ...], keep: tuple[int, ...], scorers: dict[int, nn.Module], noise: float = 0.3,
-                 mask_gradient: str = "downstream") -> None:
+                 mask_gradient: str = MASK_GRADIENTS[0]) -> None:
         if mask_gradient not in MASK_GRADIENTS:
             raise ValueError(f"mask_gradient must be one of {MASK_GRADIENTS}, got {mask_gradient!r}")
         self.stages, self.keep, self.scorers, self.noise, self.mask_gradient = stages, keep, scorers, noise, mask_gradient
