@@ -252,6 +252,19 @@ def boxes_of(data: Path) -> torch.Tensor | None:
     return torch.from_numpy(np.load(path)) if path.is_file() else None
 
 
+def measure_selection(sparse, test, probe: torch.Tensor, boxes: torch.Tensor | None, patch: int,
+                      kept: list | None = None) -> dict:
+    """Top-1 on `test` at the FLOPs ratio `sparse` reached, and, where the data has `boxes`, the last stage's box
+    precision on `probe` (its first images; `patch` pixels a side); `kept` is `kept_patches(sparse, probe)` where the
+    caller has it already."""
+    row = {"flops_ratio": sparse.plan.flops_ratio, "top1": accuracy(sparse, test)}
+    if boxes is not None:
+        kept = kept_patches(sparse, probe) if kept is None else kept
+        bp = box_precision(kept[-1], boxes[: len(probe)], patch)
+        row.update(box_precision=bp.precision, box_share=bp.box_share, lift=bp.lift)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="cluttered")
@@ -304,7 +317,7 @@ def main() -> None:
             for budget in ((1.0,) if arm.policy is None else budgets):
                 torch.manual_seed(0)  # the random policy draws from the global generator
                 if arm.policy is None:
-                    net, ratio, kept = backbone, 1.0, None
+                    kept, row = None, {"flops_ratio": 1.0, "top1": accuracy(backbone, test)}
                 else:
                     try:
                         sparse = sc.sparsify(backbone, sparse_config(arm, budget, stages, path))
@@ -312,14 +325,11 @@ def main() -> None:
                         rows.append({"arm": name, "budget": budget, "reachable": False, "tune_seconds": seconds})
                         progress.advance(task)
                         continue
-                    net, ratio = sparse, sparse.plan.flops_ratio
+                    # box precision only where the kept tokens are patches of the input (not merged, not fused)
                     drops = policy_class(arm.policy).reduction == "drop" and not arm.fuse
                     kept = kept_patches(sparse, probe) if drops else None
-                row = {"arm": name, "budget": budget, "flops_ratio": ratio, "top1": accuracy(net, test),
-                       "tune_seconds": seconds}
-                if kept is not None and boxes is not None:
-                    bp = box_precision(kept[-1], boxes[: len(probe)], model.cfg.patch_size)
-                    row.update(box_precision=bp.precision, box_share=bp.box_share, lift=bp.lift)
+                    row = measure_selection(sparse, test, probe, boxes if drops else None, model.cfg.patch_size, kept)
+                row = {"arm": name, "budget": budget, **row, "tune_seconds": seconds}
                 if kept is not None and abs(budget - args.tune_budget) < 1e-9:
                     maps[name] = [m[:6] for m in kept]
                 rows.append(row)

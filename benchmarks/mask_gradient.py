@@ -24,19 +24,27 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
 from benchmarks.arguments import add_results_arguments, comma_choices  # noqa: E402
-from benchmarks.fair_policies import BATCH, DATASETS, HIDDEN, LOGIT_DISTILL, PREDICTOR_LR, STAGES, boxes_of, load_model, progress_bar  # noqa: E402
+from benchmarks.fair_policies import (  # noqa: E402
+    BATCH,
+    DATASETS,
+    HIDDEN,
+    LOGIT_DISTILL,
+    PREDICTOR_LR,
+    STAGES,
+    boxes_of,
+    load_model,
+    measure_selection,
+    progress_bar,
+)
 from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.calibration import calibrate  # noqa: E402
 from spot_compile.capture import capture, example_input  # noqa: E402
 from spot_compile.data import load_dataset  # noqa: E402
-from spot_compile.evaluation import box_precision  # noqa: E402
 from spot_compile.passes.find_blocks import find_blocks  # noqa: E402
 from spot_compile.passes.soft_pruning import MASK_GRADIENTS  # noqa: E402
 from spot_compile.predictors import PredictorConfig, load_predictor_checkpoint, load_predictor_metrics  # noqa: E402
 from spot_compile.preprocessing import model_normalization  # noqa: E402
 from spot_compile.streaming import training_datasets  # noqa: E402
-from spot_compile.training import accuracy  # noqa: E402
-from spot_compile.visualize import kept_patches  # noqa: E402
 
 
 def main() -> None:
@@ -86,10 +94,9 @@ def main() -> None:
             for budget in budgets:
                 config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot" if path else "class-attention")
                 sparse = sc.sparsify(model, config, scorers=learned)
-                bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], model.cfg.patch_size)
                 rows.append({"selection": "spot" if path else "class-attention", "mask_gradient": gradient if path else None,
-                             "calibrated_at": at, "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
-                             "top1": accuracy(sparse, test), "box_precision": bp.precision, "box_share": bp.box_share,
+                             "calibrated_at": at, "budget": budget,
+                             **measure_selection(sparse, test, probe, boxes, model.cfg.patch_size),
                              "calibration_seconds": seconds})
                 progress.advance(task)
     cells = []

@@ -22,16 +22,13 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spot_compile as sc  # noqa: E402
-from benchmarks.fair_policies import DATASETS, STAGES, boxes_of, load_model, progress_bar  # noqa: E402
+from benchmarks.fair_policies import DATASETS, STAGES, boxes_of, load_model, measure_selection, progress_bar  # noqa: E402
 from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.capture import capture, example_input  # noqa: E402
 from spot_compile.data import load_dataset  # noqa: E402
-from spot_compile.evaluation import box_precision  # noqa: E402
 from spot_compile.passes.find_blocks import find_blocks  # noqa: E402
 from spot_compile.predictors import load_predictor_checkpoint, with_tuned_backbone  # noqa: E402
 from spot_compile.preprocessing import model_normalization  # noqa: E402
-from spot_compile.training import accuracy  # noqa: E402
-from spot_compile.visualize import kept_patches  # noqa: E402
 
 
 def main() -> None:
@@ -77,10 +74,8 @@ def main() -> None:
             for budget in budgets:
                 config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=selection)
                 sparse = sc.sparsify(backbone, config, scorers=learned)
-                bp = box_precision(kept_patches(sparse, probe)[-1], boxes[: len(probe)], backbone.cfg.patch_size)
                 rows.append({"backbone": name, "selection": selection, "predictors": predictors.name if predictors else None,
-                             "budget": budget, "flops_ratio": sparse.plan.flops_ratio,
-                             "top1": accuracy(sparse, test), "box_precision": bp.precision})
+                             "budget": budget, **measure_selection(sparse, test, probe, boxes, backbone.cfg.patch_size)})
                 progress.advance(task)
     cells = []
     for name, selection, predictors in runs:
