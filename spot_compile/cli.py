@@ -234,6 +234,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--save-every", type=click.IntRange(min=1), default=None,
               help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
                    "from it exactly, also after a kill mid-epoch.")
+@click.option("--val-every", type=click.IntRange(min=1), default=None,
+              help="Also validate every this many steps, and keep the predictors of the best validation, not the last "
+                   "(the calibration can drift from accuracy as it trains; docs/spot.md).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader processes per training process (0: read images in the training process). Default: 0 on "
                    "the CPU (measured: loader processes there take cores from the training threads), else up to 8.")
@@ -246,7 +249,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
               noise, mask_gradient, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
-              logit_distill, out, save_every, workers, device, precision, augment, mean, std) -> None:
+              logit_distill, out, save_every, val_every, workers, device, precision, augment, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -271,7 +274,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     run(model, train, val, budget, stages=_stages(stages), epochs=epochs, batch_size=batch_size, lr=lr, predictor=predictor,
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
-        logit_distill=logit_distill, save_every=save_every, preprocessing=preprocessing, workers=workers, device=device,
+        logit_distill=logit_distill, save_every=save_every, val_every=val_every, preprocessing=preprocessing, workers=workers, device=device,
         precision=precision, mask_gradient=mask_gradient)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 

@@ -333,8 +333,8 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
 @pytest.mark.parametrize("kw,error", [
     (dict(batch_size=0), UsageError), (dict(epochs=0), UsageError), (dict(max_steps=0), UsageError),
     (dict(batch_size=64), DataError),  # more than the 12 training images
-    (dict(mask_gradient="keys"), UsageError),
-], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient"])
+    (dict(mask_gradient="keys"), UsageError), (dict(val_every=0), UsageError),
+], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
     from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet

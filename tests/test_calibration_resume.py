@@ -88,3 +88,43 @@ def test_a_cli_run_killed_with_sigkill_finishes_when_started_again(tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming calibration at step" in second.stdout and out.exists() and not out.with_suffix(".partial").exists()
+
+
+def test_val_every_returns_the_predictors_of_the_best_validation_and_survives_a_resume(tmp_path, monkeypatch):
+    # Validation is scripted to peak at the third of eight checks (one a step): the run must hand back the weights it
+    # had then, not the last ones, and a run stopped after five checks and resumed must keep them across the stop.
+    train, val = _data()
+    args = {**ARGS, "val_every": 1, "lr": 0.05}
+    script = [10.0, 20.0, 50.0, 40.0, 30.0, 20.0, 10.0, 5.0]
+    seen = []  # the pruned model's weights at each check
+
+    def scripted(model, *rest):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return script[len(seen) - 1]
+
+    monkeypatch.setattr(calibration, "_shared_accuracy", scripted)
+    whole = calibration.calibrate(small_vit(), train, val, **args)
+    assert [c["val_top1"] for c in whole.checkpoint.metrics["val_checks"]] == script
+    assert whole.checkpoint.metrics["selected_step"] == 3
+    kept, last = whole.sparse.state_dict(), seen[-1]
+    assert all(torch.equal(kept[k], seen[2][k]) for k in kept)
+    assert any(not torch.equal(kept[k], last[k]) for k in kept), "the last weights equal the best: the test could not fail"
+
+    seen.clear()
+    out = tmp_path / "p.pt"
+    real_lr = calibration.cosine_lr
+
+    def dies_at_step(step, *a, **kw):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_lr(step, *a, **kw)
+
+    monkeypatch.setattr(calibration, "cosine_lr", dies_at_step)
+    with pytest.raises(KeyboardInterrupt):
+        calibration.calibrate(small_vit(), train, val, out=out, save_every=1, **args)
+    assert len(seen) == 5
+    monkeypatch.setattr(calibration, "cosine_lr", real_lr)
+    resumed = calibration.calibrate(small_vit(), train, val, out=out, save_every=1, **args)
+    assert resumed.checkpoint.metrics["val_checks"] == whole.checkpoint.metrics["val_checks"]
+    a, b = _weights(whole), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
