@@ -24,7 +24,8 @@ on the frozen backbone, then the backbone tuned `--steps` steps exactly as the t
 deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
 "spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
 "spot then tune (block gradient)" (the same, with a score's gradient from its stage's block alone, as every SPOT arm
-had before the downstream gradient: `calibrate(mask_gradient="block")`) and "spot then tune -<signal>" (its signal
+had before the downstream gradient: `calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block
+gradient)" (both) and "spot then tune -<signal>" (its signal
 ablations).
 `--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
 
@@ -113,6 +114,8 @@ ARMS = {
     "spot then tune": Arm("spot", then_tune=True),
     "spot then tune (predictors at 0.4)": Arm("spot", then_tune=True, predictor_budget=0.4),
     "spot then tune (block gradient)": Arm("spot", then_tune=True, mask_gradient="block"),
+    "spot then tune (predictors at 0.4; block gradient)": Arm("spot", then_tune=True, predictor_budget=0.4,
+                                                             mask_gradient="block"),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),

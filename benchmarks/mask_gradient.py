@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.3,0.4,0.6", help="budgets each selection is tested at")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-every", type=int, help="calibrate(val_every=N): keep the predictors of the best validation")
     ap.add_argument("--precision-images", type=int, default=2000)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/mask-gradient"))
     add_results_arguments(ap, "mask_gradient_<dataset>")
@@ -73,14 +74,15 @@ def main() -> None:
     calibrated = {}
     for gradient in gradients:
         for at in calibrate_at:
-            out = args.run_dir / f"{args.dataset}-{gradient}-at{at:g}-{args.steps}steps-seed{args.seed}.pt"
+            best = f"-best{args.val_every}" if args.val_every else ""
+            out = args.run_dir / f"{args.dataset}-{gradient}-at{at:g}-{args.steps}steps-seed{args.seed}{best}.pt"
             if not out.is_file():
                 console.rule(f"calibrating: {gradient} gradient at budget {at:g}")
                 train, val = training_datasets(data, 5000, channels=model.cfg.in_chans)
                 calibrate(load_model(base), train, val, at, stages=STAGES, epochs=-(-args.steps // (len(train) // BATCH)),
                           max_steps=args.steps, batch_size=BATCH, lr=PREDICTOR_LR, predictor=PredictorConfig(hidden=HIDDEN),
                           logit_distill=LOGIT_DISTILL, mask_gradient=gradient, out=out, console=console, workers=0,
-                          seed=args.seed)
+                          seed=args.seed, val_every=args.val_every)
             calibrated[(gradient, at)] = out
 
     structure = find_blocks(capture(model, example_input(model, None)))
@@ -90,14 +92,16 @@ def main() -> None:
         task = progress.add_task("evaluating", total=len(runs) * len(budgets))
         for gradient, at, path in runs:
             learned = load_predictor_checkpoint(path, model, structure).predictors if path else None
-            seconds = float(load_predictor_metrics(path)["seconds"]) if path else 0.0
+            metrics = load_predictor_metrics(path) if path else {}
+            seconds = float(metrics.get("seconds", 0.0))
             for budget in budgets:
                 config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot" if path else "class-attention")
                 sparse = sc.sparsify(model, config, scorers=learned)
                 rows.append({"selection": "spot" if path else "class-attention", "mask_gradient": gradient if path else None,
                              "calibrated_at": at, "budget": budget,
                              **measure_selection(sparse, test, probe, boxes, model.cfg.patch_size),
-                             "calibration_seconds": seconds})
+                             "calibration_seconds": seconds, "selected_step": metrics.get("selected_step"),
+                             "val_checks": metrics.get("val_checks")})
                 progress.advance(task)
     cells = []
     for gradient, at, _ in runs:
@@ -110,7 +114,8 @@ def main() -> None:
                 f"predictors calibrated {args.steps} steps of {BATCH} on it (frozen), seed {args.seed}; in brackets the last "
                 f"stage's box precision ({len(probe)} images; the box holds {share:.0f}% of the tokens). "
                 f"`python benchmarks/mask_gradient.py --steps {args.steps} --calibrate-at {args.calibrate_at} "
-                f"--budgets {args.budgets} --gradients {','.join(gradients)}{f' --seed {args.seed}' if args.seed else ''}`.")
+                f"--budgets {args.budgets} --gradients {','.join(gradients)}{f' --seed {args.seed}' if args.seed else ''}"
+                f"{f' --val-every {args.val_every}' if args.val_every else ''}`.")
     write_results(console, args.out_dir, args.name or f"mask_gradient_{args.dataset}", "mask gradient: selection alone",
                   ["selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
                   {"rows": rows, "steps": args.steps, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
