@@ -93,8 +93,8 @@ def calibrate(
     `backbone_from_scores` False (with `finetune`): the predictors read the backbone's tokens and attention detached,
     so the backbone learns only from the loss through the tokens it keeps, not from what would move the scores.
 
-    `mask_gradient` is where a score's gradient comes from (`passes.soft_pruning`): "downstream" (default), the
-    stage's block and, for the kept tokens, every later block; "block", the stage's block alone; "full", DynamicViT's
+    `mask_gradient` is where a score's gradient comes from (`passes.soft_pruning`): "block" (default), the stage's
+    block alone; "downstream", the stage's block and, for the kept tokens, every later block; "full", DynamicViT's
     masking: dropped tokens stay in the stream as keys weighted by their mask in every later block (a step costs more).
 
     `val_every`: validate every that many steps too (besides after each epoch) and return the predictors, and the

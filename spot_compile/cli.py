@@ -211,9 +211,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--noise", type=float, default=0.3, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
 @click.option("--mask-gradient", type=click.Choice(MASK_GRADIENTS), default=MASK_GRADIENTS[0], show_default=True,
-              help="Where a score's gradient comes from: the stage's block and, for kept tokens, every later block "
-                   "(downstream), the stage's block alone (block; what calibrations before 2026-12-02 used), or every "
-                   "later block for all tokens, dropped ones kept in the stream as masked keys (full, DynamicViT's; slower).")
+              help="Where a score's gradient comes from: the stage's block alone (block), also every later block for "
+                   "kept tokens (downstream; drifts with longer calibration, docs/spot.md), or every later block for all "
+                   "tokens, dropped ones kept in the stream as masked keys (full, DynamicViT's).")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")

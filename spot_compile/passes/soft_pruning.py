@@ -12,7 +12,7 @@ through `passes.taps` as inference does:
     an explicit softmax): dropped tokens get no weight as keys, and the mask gets a gradient from every query;
   * after block j's attention residual, `ops.prune_tokens(x, mask, ..., kept)`: the kept tokens are gathered, and all
     later blocks run on them alone, as in inference (downstream shapes re-derived by `TokenPropagation`);
-  * with `mask_gradient="downstream"` (the default), `ops.scale_by_keep` right after that gather: the identity in the
+  * with `mask_gradient="downstream"`, `ops.scale_by_keep` right after that gather: the identity in the
     forward pass, it gives each kept token's mask entry the gradient of scaling that token through every later block;
   * `call_module spot_final_tokens` (`TokenTap`, an identity that keeps its input) on the last block's output, so
     the recipe can distill the surviving tokens towards the dense model's (`tap_final_tokens` puts one in a teacher).
@@ -128,7 +128,7 @@ def kept_positions(keepers: list[SoftKeep], patch_tokens: int) -> torch.Tensor:
     return pos if pos is not None else torch.arange(patch_tokens)[None]
 
 
-MASK_GRADIENTS = ("downstream", "block", "full")  # the first is the default
+MASK_GRADIENTS = ("block", "downstream", "full")  # the first is the default
 
 
 def build_calibration_graph(
