@@ -34,7 +34,7 @@ from benchmarks.result_table import write_results  # noqa: E402
 from spot_compile.data import load_dataset  # noqa: E402
 from spot_compile.evaluation import patches_in_box  # noqa: E402
 from spot_compile.preprocessing import model_normalization  # noqa: E402
-from spot_compile.training import batches  # noqa: E402
+from spot_compile.training import accuracy, batches  # noqa: E402
 from spot_compile.visualize import kept_patches  # noqa: E402
 
 ORACLES = ("box", "last-layer class attention", "rollout", "gradient x input")
@@ -169,20 +169,20 @@ def main() -> None:
                              "top1": 100.0 * correct / len(test), "box_precision": 100.0 * kept_box / kept_all,
                              "box_share": 100.0 * in_box / len(test)})
                 progress.advance(task)
-    dense = sum(int((model(x).argmax(-1) == y).sum()) for x, y in batches(test, 250, shuffle=False, normalization=normalize))
+    dense = accuracy(model, test)
     cells = []
     for name in ("class attention at the stage", *oracles):
         mine = {r["budget"]: r for r in rows if r["selection"] == name}
         cells.append([name, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
                               for b in budgets)])
     preamble = (f"Top-1 on {len(test)} held-out {args.dataset} test images; the untuned dense backbone "
-                f"({100.0 * dense / len(test):.2f}% dense), stages {STAGES}, the same relevance read at every stage. "
+                f"({dense:.2f}% dense), stages {STAGES}, the same relevance read at every stage. "
                 "In brackets the last stage's box precision (chance: the box's share of the tokens, ~25%). "
                 f"`python benchmarks/relevance_oracles.py --budgets {args.budgets}"
                 f"{f' --limit {args.limit}' if args.limit else ''}`.")
     write_results(console, args.out_dir, args.name or f"relevance_oracles_{args.dataset}", "relevance oracles: selection alone",
                   ["selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
-                  {"rows": rows, "dense_top1": 100.0 * dense / len(test), "date": time.strftime("%Y-%m-%d"),
+                  {"rows": rows, "dense_top1": dense, "date": time.strftime("%Y-%m-%d"),
                    "torch": torch.__version__})
 
 
