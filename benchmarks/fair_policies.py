@@ -214,7 +214,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
         predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage, anchor=arm.anchor)
         result = calibrate(model, train, val, arm.predictor_budget or args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
-                           backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
+                           backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune, finetune_graph="calibration",
                            mask_gradient=arm.mask_gradient,
                            backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
                            console=console, compile=args.compile, workers=0, seed=args.seed)

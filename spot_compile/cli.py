@@ -13,6 +13,7 @@ import click
 import torch
 from rich.console import Console
 
+from .calibration import FINETUNE_GRAPHS
 from .config import DEFAULT_POLICY
 from .errors import SpotError
 from .passes.soft_pruning import MASK_GRADIENTS
@@ -224,6 +225,10 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
 @click.option("--freeze-backbone/--finetune", default=True, show_default=True,
               help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
+@click.option("--finetune-graph", type=click.Choice(FINETUNE_GRAPHS), default=None,
+              help=f"With --finetune: tune the backbone after the predictors, as many steps again, through the sparse graph "
+                   f"that will run (deployed), or together with them through the calibration graph (calibration; "
+                   f"measured worse, docs/spot.md). Default: {FINETUNE_GRAPHS[0]}.")
 @click.option("--backbone-lr", type=float, default=1e-4, show_default=True,
               help="Learning rate of the backbone with --finetune (the shipped predictors used 1e-3; docs/spot.md).")
 @click.option("--token-distill", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -248,7 +253,8 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
                    "random-resized-crop).")
 @normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, mask_gradient, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, backbone_lr, token_distill,
+              noise, mask_gradient, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, finetune_graph, backbone_lr,
+              token_distill,
               logit_distill, out, save_every, val_every, workers, device, precision, augment, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
@@ -260,6 +266,9 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
     from .streaming import training_datasets
 
     SparsifyConfig(budget=budget)  # validates the budget before any slow work
+    if finetune_graph is not None and freeze_backbone:
+        raise click.BadParameter("only used with --finetune: add --finetune, or leave --finetune-graph out",
+                                 param_hint="--finetune-graph")
     check_writable_file(out, "--out")
     device = resolve_device(device, local_rank())
     try:
@@ -275,7 +284,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
         logit_distill=logit_distill, save_every=save_every, val_every=val_every, preprocessing=preprocessing, workers=workers, device=device,
-        precision=precision, mask_gradient=mask_gradient)
+        precision=precision, mask_gradient=mask_gradient, finetune_graph=finetune_graph)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

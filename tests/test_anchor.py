@@ -75,7 +75,7 @@ def test_detached_scorer_inputs_stop_the_scores_gradient_reaching_the_backbone(f
     torch.manual_seed(0)
     data = ImageSet(torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,)), tuple("0123456789"))
     calibrate(model, data, data.subset(torch.arange(16)), budget=0.6, epochs=1, batch_size=32, lr=5e-3,
-              predictor=PredictorConfig(hidden=16), compile=False, finetune=True, backbone_lr=1e-2, logit_distill=0.0,
+              predictor=PredictorConfig(hidden=16), compile=False, finetune=True, finetune_graph="calibration", backbone_lr=1e-2, logit_distill=0.0,
               backbone_from_scores=from_scores)
     qkv = "blocks.0.attn.qkv.weight"  # in front of the first stage: it feeds the first predictor's descriptor
     moved = float((model.state_dict()[qkv] - before[qkv]).abs().max())

@@ -317,6 +317,10 @@ def test_an_unwritable_output_is_refused_before_the_model_is_loaded(tmp_path, co
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--max-steps", "0"], "Invalid value for '--max-steps'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--val-size", "0"], "Invalid value for '--val-size'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--mask-gradient", "keys"], "Invalid value for '--mask-gradient'"),
+    (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--finetune", "--finetune-graph", "both"],
+     "Invalid value for '--finetune-graph'"),
+    (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--finetune-graph", "deployed"],
+     "Invalid value for --finetune-graph: only used with --finetune"),
     (["bench", "MODEL", "--batches", "0"], "batch sizes must be at least 1"),
     (["bench", "MODEL", "--batches", "-1"], "batch sizes must be at least 1"),
     (["bench", "MODEL", "--repeats", "0"], "Invalid value for '--repeats'"),
@@ -334,7 +338,9 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
     (dict(batch_size=0), UsageError), (dict(epochs=0), UsageError), (dict(max_steps=0), UsageError),
     (dict(batch_size=64), DataError),  # more than the 12 training images
     (dict(mask_gradient="keys"), UsageError), (dict(val_every=0), UsageError),
-], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0"])
+    (dict(finetune_graph="deployed"), UsageError),  # without finetune=True it would do nothing
+], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0",
+        "finetune-graph-without-finetune"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
     from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet

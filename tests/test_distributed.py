@@ -31,20 +31,21 @@ def _torchrun(args, nproc=2, timeout=400):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tuned", [False, True], ids=["predictors", "predictors+backbone"])
+@pytest.mark.parametrize("tuned", [None, "deployed", "calibration"], ids=["predictors", "then-backbone", "jointly"])
 def test_two_gloo_processes_train_identical_predictors_and_rank_0_alone_writes(tmp_path, tuned):
     out = tmp_path / "p.pt"
     run = _torchrun([*_setup(tmp_path), "--batch-size", "4", "--epochs", "2", "--out", str(out), "--save-every", "2",
-                     *(["--finetune"] if tuned else [])])
+                     *(["--finetune", "--finetune-graph", tuned] if tuned else [])])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = load_predictor_metrics(out)
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 8
     assert metrics["rank_weight_difference"] == 0.0, "DistributedDataParallel must keep the replicas identical"
-    assert metrics["finetune"] == tuned
+    assert metrics["finetune"] == bool(tuned) and metrics["finetune_graph"] == tuned
     assert run.stdout.count("calibration took") == 1, "rank 0 alone prints"
     assert "on 2 processes" in run.stdout
     steps = [line for line in out.with_suffix(".jsonl").read_text().splitlines() if '"step"' in line]
-    assert len(steps) == 2 * (32 // 8), "32 training images, global batch 8: 4 steps an epoch, logged once each"
+    phases = 2 if tuned == "deployed" else 1  # the backbone's fine-tune after the predictors' calibration
+    assert len(steps) == phases * 2 * (32 // 8), "32 training images, global batch 8: 4 steps an epoch, logged once each"
     assert not out.with_suffix(".partial").exists()
 
 

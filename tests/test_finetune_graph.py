@@ -1,0 +1,128 @@
+"""`calibrate(finetune=True)` tunes the backbone after the predictors, through the deployed sparse graph (the default
+`finetune_graph`), or with them through the calibration graph ("calibration")."""
+
+import json
+
+import pytest
+import torch
+
+import spot_compile as sc
+import spot_compile.calibration as calibration
+from spot_compile.data import ImageSet
+from spot_compile.errors import UsageError
+
+from .conftest import small_vit
+
+ARGS = dict(budget=0.6, epochs=2, batch_size=4, compile=False, noise=0.3)  # 4 steps an epoch, 8 a phase
+
+
+def _data():
+    torch.manual_seed(3)
+    train = ImageSet(torch.rand(18, 1, 16, 16), torch.randint(0, 10, (18,)), tuple("0123456789"))
+    return train, train.subset(torch.arange(6))
+
+
+def _predictors(result):
+    return {f"{s}.{k}": v for s, p in result.checkpoint.predictors.items() for k, v in p.state_dict().items()}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_calibrates_as_a_frozen_run_then_tunes_the_backbone_through_the_deployed_graph(tmp_path, monkeypatch):
+    train, val = _data()
+    frozen = calibration.calibrate(small_vit(), train, val, **ARGS)
+
+    real_sparsify = calibration.sparsify
+    trained_through = []  # the deployed graph's forward passes that build a graph for backward
+
+    def spied(*args, **kwargs):
+        sparse = real_sparsify(*args, **kwargs)
+        forward = sparse.graph_module.forward
+
+        def counted(*x):
+            if torch.is_grad_enabled():
+                trained_through.append(x[0].shape[0])
+            return forward(*x)
+
+        sparse.graph_module.forward = counted
+        return sparse
+
+    monkeypatch.setattr(calibration, "sparsify", spied)
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "p.pt"
+    tuned = calibration.calibrate(model, train, val, finetune=True, backbone_lr=1e-2, out=out, **ARGS)
+
+    # The first phase is the frozen calibration, step for step; the second leaves the predictors as it found them.
+    assert _equal(_predictors(tuned), _predictors(frozen))
+    assert [r["phase"] for r in tuned.history] == ["calibrate", "calibrate", "tune", "tune"]
+    assert [r["loss"] for r in tuned.history[:2]] == [r["loss"] for r in frozen.history]
+    # ... and trains the backbone through the deployed graph, one forward a step, 8 steps of 4 images.
+    assert trained_through == [4] * 8
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "blocks.0.attn.qkv.weight" in changed and "blocks.3.mlp.2.weight" in changed
+    assert _equal(tuned.checkpoint.backbone, model.state_dict())
+    assert not any(p.requires_grad for p in model.parameters())
+    metrics = tuned.checkpoint.metrics
+    assert metrics["finetune"] and metrics["finetune_graph"] == "deployed"
+
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert [r["phase"] for r in steps] == ["calibrate"] * 8 + ["tune"] * 8
+    # The deployed graph keeps its static counts: no keep-ratio loss, no soft keep ratio to report.
+    assert all(r["ratio_loss"] == 0.0 and "keep_ratio" not in r for r in steps[8:])
+    assert all(r["ratio_loss"] > 0.0 and "keep_ratio" in r for r in steps[:8])
+
+    fresh = small_vit()  # the weights `model` started from: the checkpoint brings the tuned backbone with it
+    loaded = sc.sparsify(fresh, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(out)))
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), tuned.sparse(x))
+
+
+def test_finetune_through_the_calibration_graph_tunes_backbone_and_predictors_in_the_same_steps():
+    train, val = _data()
+    frozen = calibration.calibrate(small_vit(), train, val, **ARGS)
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    joint = calibration.calibrate(model, train, val, finetune=True, finetune_graph="calibration", backbone_lr=1e-2, **ARGS)
+    assert [r["phase"] for r in joint.history] == ["calibrate", "calibrate"]
+    assert not _equal(_predictors(joint), _predictors(frozen)), "the backbone moved under the predictors as they learned"
+    assert not _equal(model.state_dict(), before)
+    assert joint.checkpoint.metrics["finetune_graph"] == "calibration"
+
+
+@pytest.mark.parametrize("stop_at", [8, 11], ids=["phase-boundary", "mid-tune"])
+def test_a_finetune_stopped_and_started_again_ends_as_one_that_was_not(tmp_path, monkeypatch, stop_at):
+    train, val = _data()
+    args = {**ARGS, "finetune": True, "backbone_lr": 1e-2}
+    whole = calibration.calibrate(small_vit(), train, val, **args)
+    out = tmp_path / "p.pt"
+    real_lr = calibration.cosine_lr
+    begun = []
+
+    def dies(step, *a, **kw):  # the process dies as global step `stop_at` + 1 begins (as a SIGKILL would)
+        begun.append(step)
+        if len(begun) == stop_at + 1:
+            raise KeyboardInterrupt
+        return real_lr(step, *a, **kw)
+
+    monkeypatch.setattr(calibration, "cosine_lr", dies)
+    with pytest.raises(KeyboardInterrupt):
+        calibration.calibrate(small_vit(), train, val, out=out, save_every=1, **args)
+    monkeypatch.setattr(calibration, "cosine_lr", real_lr)
+    resumed = calibration.calibrate(small_vit(), train, val, out=out, save_every=1, **args)
+    assert _equal(_predictors(resumed), _predictors(whole))
+    assert _equal(resumed.checkpoint.backbone, whole.checkpoint.backbone)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-6)
+    steps = [json.loads(line)["step"] for line in out.with_suffix(".jsonl").read_text().splitlines() if '"step"' in line]
+    assert steps == list(range(1, 17)), "each step once, across the stop"
+
+
+def test_an_unknown_finetune_graph_is_refused_before_any_work():
+    train, val = _data()
+    with pytest.raises(UsageError, match="unknown fine-tune graph 'both'; choose deployed or calibration"):
+        calibration.calibrate(small_vit(), train, val, finetune=True, finetune_graph="both", **ARGS)
