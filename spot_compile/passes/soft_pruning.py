@@ -29,9 +29,11 @@ of every later block for the kept tokens' residual streams, at the cost of one m
 still learns only from the stage's block. "full" gives dropped tokens every later block's gradient too, at the cost
 of computing them there. Measured (benchmarks/mask_gradient.py, docs/spot.md; selection alone, 150 steps):
 calibrated at 0.6, 64.03 % with "downstream", 61.45 % with "block", 61.99 % with "full"; calibrated at 0.4, 63.77,
-64.05 and 60.69 %. Withdrawn after measuring (docs/spot.md): masking later blocks' keys for the kept tokens alone
-("keys", commit b9c4e0b; 55.83 % at 0.4), and cutting the dropped tokens' gradient ("kept"; validation 37.64 % at 0.4,
-the training loss rising from the first steps).
+64.05 and 60.69 %. At the full 429 steps only "block" calibrated at 0.4 holds (63.75 %; "downstream" falls to
+59.27 %, and both fall at 0.6, to 58.31 and 51.28 %), which is why "block" is the default. Withdrawn after
+measuring (docs/spot.md): masking later blocks' keys for the kept tokens alone ("keys", commit b9c4e0b; 55.83 % at
+0.4), and cutting the dropped tokens' gradient ("kept"; validation 37.64 % at 0.4, the training loss rising from the
+first steps).
 """
 
 from __future__ import annotations
