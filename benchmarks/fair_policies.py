@@ -25,8 +25,9 @@ deployed sparse graph with those predictors fixed: the same backbone fine-tune a
 "spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
 "spot then tune (block gradient)" (the same, with a score's gradient from its stage's block alone, as every SPOT arm
 had before the downstream gradient: `calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block
-gradient)" (both) and "spot then tune -<signal>" (its signal
-ablations).
+gradient)" (both) and "spot then tune -<signal>" (its signal ablations). "spot --finetune" is the library's own
+`calibrate(finetune=True)` (finetune graph "deployed", block gradient): "spot then tune (block gradient)" as the
+library does it, the fine-tune's shuffle drawn from later epochs of the same seed.
 `--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
 
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
@@ -99,6 +100,9 @@ class Arm:
     # SPOT arms: where a score's gradient comes from (calibrate's mask_gradient). Pinned, not the library's default:
     # the arms' cached runs and the figures in docs/spot.md were made with it (the default went back to "block").
     mask_gradient: str = "downstream"
+    # SPOT arms that are not "then tune": the graph calibrate(finetune=True) tunes the backbone through. "calibration"
+    # (jointly with the predictors) is what the arms' cached runs were made with; "deployed" is the library's default.
+    finetune_graph: str = "calibration"
 
     @property
     def spot(self) -> bool:
@@ -117,6 +121,7 @@ ARMS = {
     "spot then tune (block gradient)": Arm("spot", then_tune=True, mask_gradient="block"),
     "spot then tune (predictors at 0.4; block gradient)": Arm("spot", then_tune=True, predictor_budget=0.4,
                                                              mask_gradient="block"),
+    "spot --finetune": Arm("spot", mask_gradient="block", finetune_graph="deployed"),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),
@@ -214,7 +219,8 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
         predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage, anchor=arm.anchor)
         result = calibrate(model, train, val, arm.predictor_budget or args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
-                           backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune, finetune_graph="calibration",
+                           backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
+                           finetune_graph=None if arm.then_tune else arm.finetune_graph,
                            mask_gradient=arm.mask_gradient,
                            backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
                            console=console, compile=args.compile, workers=0, seed=args.seed)
