@@ -132,8 +132,8 @@ ARMS = {
 }
 assert not any("," in name for name in ARMS), "--arms is a comma-separated list of these names"
 # The protocol; the SPOT variants and the signal ablations run when named in --arms.
-DEFAULT_ARMS = ["no pruning", "spot", "spot + coverage", "coverage", "random", "class-attention", "class-attention + fuse",
-                "merge"]
+DEFAULT_ARMS = ["no pruning", "spot --finetune", "spot", "spot + coverage", "coverage", "random", "class-attention",
+                "class-attention + fuse", "merge"]
 
 
 def slug(name: str) -> str:
