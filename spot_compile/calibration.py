@@ -126,6 +126,9 @@ def calibrate(
     finetune_graph = FINETUNE_GRAPHS[0] if finetune_graph is None else finetune_graph
     if finetune_graph not in FINETUNE_GRAPHS:
         raise UsageError(f"unknown fine-tune graph {finetune_graph!r}; choose {' or '.join(FINETUNE_GRAPHS)}")
+    if not backbone_from_scores and not (finetune and finetune_graph == "calibration"):
+        raise UsageError("backbone_from_scores=False only changes a backbone tuned with the predictors: use it with "
+                         "finetune=True, finetune_graph='calibration'")
     joint = finetune and finetune_graph == "calibration"  # the backbone learns with the predictors
     after = finetune and not joint  # ... or after them, through the deployed graph
     phases = ("calibrate", "tune") if after else ("calibrate",)

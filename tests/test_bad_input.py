@@ -339,8 +339,9 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
     (dict(batch_size=64), DataError),  # more than the 12 training images
     (dict(mask_gradient="keys"), UsageError), (dict(val_every=0), UsageError),
     (dict(finetune_graph="deployed"), UsageError),  # without finetune=True it would do nothing
+    (dict(finetune=True, backbone_from_scores=False), UsageError),  # the deployed graph's top-k passes no gradient
 ], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0",
-        "finetune-graph-without-finetune"])
+        "finetune-graph-without-finetune", "detached-inputs-without-a-joint-tune"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
     from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet

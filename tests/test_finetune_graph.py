@@ -126,3 +126,29 @@ def test_an_unknown_finetune_graph_is_refused_before_any_work():
     train, val = _data()
     with pytest.raises(UsageError, match="unknown fine-tune graph 'both'; choose deployed or calibration"):
         calibration.calibrate(small_vit(), train, val, finetune=True, finetune_graph="both", **ARGS)
+
+
+@pytest.mark.parametrize("peak", [6, 13], ids=["best-in-calibration", "best-in-tune"])
+def test_val_every_with_finetune_returns_the_best_check_of_either_phase(monkeypatch, peak):
+    # Validation is scripted to peak at check `peak` of 16 (one a step). Peaking in the calibration, the tune must
+    # start from the predictors of that check, and the run must hand back the backbone as it was then (untuned).
+    train, val = _data()
+    script = [10.0 + (20.0 if i == peak else 0.0) + i * 0.01 for i in range(1, 17)]
+    seen = []  # the pruned model's weights at each check
+
+    def scripted(model, *rest):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return script[len(seen) - 1]
+
+    monkeypatch.setattr(calibration, "_shared_accuracy", scripted)
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = calibration.calibrate(model, train, val, finetune=True, backbone_lr=1e-2, val_every=1, lr=0.05, **ARGS)
+    assert len(seen) == 16 and result.checkpoint.metrics["selected_step"] == peak
+    kept = result.sparse.state_dict()
+    assert _equal(kept, seen[peak - 1]) and not _equal(kept, seen[-1])
+    assert _equal(result.checkpoint.backbone, model.state_dict())
+    if peak <= 8:
+        assert _equal(model.state_dict(), before), "the best check came before the tune: the backbone is the user's"
+        tuned_from = {k: v for k, v in seen[8].items() if k.startswith("graph_module.spot_")}  # first check of the tune
+        assert _equal(tuned_from, {k: v for k, v in seen[peak - 1].items() if k.startswith("graph_module.spot_")})
