@@ -3,7 +3,7 @@
 Loss = cross-entropy on labels + `logit_distill` (0.5) * KL(dense teacher || sparse student) on logits
        + `token_distill` * MSE(surviving tokens, the dense model's tokens at the same positions), after the last
          block, each token layer-normalised (DynamicViT's token distillation; scale-free, whatever the stream's norm)
-       + 2 * sum over stages of (mean keep probability - stage target)^2.
+       + `keep_ratio_weight` (2) * sum over stages of (mean keep probability - stage target)^2.
 The student is the calibration graph (`passes.soft_pruning`): the same stages and static keep counts as inference,
 with a straight-through top-k mask, masked attention in each stage's block and the kept tokens gathered after it.
 By default the backbone stays frozen and only the predictors learn. With `finetune` the backbone learns too (at
@@ -71,7 +71,7 @@ def calibrate(
     backbone_lr: float = 1e-4, token_distill: float = 0.0, logit_distill: float = 0.5, save_every: int | None = None,
     preprocessing: Preprocessing | None = None, workers: int | None = None, device: str | torch.device | None = "cpu",
     precision: str = "fp32", backbone_from_scores: bool = True, mask_gradient: str = MASK_GRADIENTS[0],
-    val_every: int | None = None, finetune_graph: str | None = None,
+    val_every: int | None = None, finetune_graph: str | None = None, keep_ratio_weight: float = 2.0,
 ) -> CalibrationResult:
     """Trains one SPOT predictor per stage for `model` at `budget`; see the module docstring for the loss.
 
@@ -126,6 +126,8 @@ def calibrate(
     finetune_graph = FINETUNE_GRAPHS[0] if finetune_graph is None else finetune_graph
     if finetune_graph not in FINETUNE_GRAPHS:
         raise UsageError(f"unknown fine-tune graph {finetune_graph!r}; choose {' or '.join(FINETUNE_GRAPHS)}")
+    if not isinstance(keep_ratio_weight, (int, float)) or keep_ratio_weight < 0:
+        raise UsageError(f"keep_ratio_weight must be a number >= 0, got {keep_ratio_weight!r}")
     if not backbone_from_scores and not (finetune and finetune_graph == "calibration"):
         raise UsageError("backbone_from_scores=False only changes a backbone tuned with the predictors: use it with "
                          "finetune=True, finetune_graph='calibration'")
@@ -195,7 +197,7 @@ def calibrate(
     identity = json.loads(json.dumps({"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages),
                                       "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
                                       "finetune_graph": finetune_graph if finetune else None,
-                                      "mask_gradient": mask_gradient, "val_every": val_every,
+                                      "mask_gradient": mask_gradient, "val_every": val_every, "keep_ratio_weight": keep_ratio_weight,
                                       "batch_size": batch_size, "world_size": procs.world_size}))
     # The backbone's fine-tune through the deployed graph (finetune_graph "deployed"): built when its phase starts.
     tuner: dict = {}
@@ -323,7 +325,7 @@ def calibrate(
                 ratio = zero if tuner else sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
                 tok = (token_loss(student.spot_final_tokens.value.float(), teacher_tokens.value.float(),
                                   [keepers[s] for s in stages], structure.num_special) if token_distill and not tuner else zero)
-                loss = ce + logit_distill * kl + token_distill * tok + 2.0 * ratio
+                loss = ce + logit_distill * kl + token_distill * tok + keep_ratio_weight * ratio
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -388,7 +390,7 @@ def calibrate(
                                 "token_distill": token_distill, "logit_distill": logit_distill,
                                 "world_size": procs.world_size, "global_batch": batch_size * procs.world_size,
                                 "rank_weight_difference": differ, "precision": precision,
-                                "mask_gradient": mask_gradient, "val_every": val_every,
+                                "mask_gradient": mask_gradient, "val_every": val_every, "keep_ratio_weight": keep_ratio_weight,
                                 "selected_step": best["step"] if val_every else step, "val_checks": best["checks"]},
                                backbone={k: v.detach().clone() for k, v in model.state_dict().items()} if finetune else None)
     if out and procs.main:

@@ -215,6 +215,8 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
               help="Where a score's gradient comes from: the stage's block alone (block), also every later block for "
                    "kept tokens (downstream; drifts with longer calibration, docs/spot.md), or every later block for all "
                    "tokens, dropped ones kept in the stream as masked keys (full, DynamicViT's).")
+@click.option("--keep-ratio-weight", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Weight of the loss that pulls each stage's mean keep probability to its keep ratio.")
 @click.option("--signals", default="embedding,interaction,dynamics", show_default=True,
               help="Predictor inputs to use (drop one for an ablation).")
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True, help="Width of the predictor MLP.")
@@ -253,9 +255,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
                    "random-resized-crop).")
 @normalization_options
 def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
-              noise, mask_gradient, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone, finetune_graph, backbone_lr,
-              token_distill,
-              logit_distill, out, save_every, val_every, workers, device, precision, augment, mean, std) -> None:
+              noise, mask_gradient, keep_ratio_weight, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone,
+              finetune_graph, backbone_lr, token_distill, logit_distill, out, save_every, val_every, workers, device, precision,
+              augment, mean, std) -> None:
     from .calibration import calibrate as run
     from .capture import example_input
     from .config import SparsifyConfig
@@ -284,7 +286,7 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
         logit_distill=logit_distill, save_every=save_every, val_every=val_every, preprocessing=preprocessing, workers=workers, device=device,
-        precision=precision, mask_gradient=mask_gradient, finetune_graph=finetune_graph)
+        precision=precision, mask_gradient=mask_gradient, finetune_graph=finetune_graph, keep_ratio_weight=keep_ratio_weight)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

@@ -338,3 +338,15 @@ def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path, mon
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.sparse(x))
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # the user's model is untouched
+
+
+@pytest.mark.parametrize("weight", [2.0, 0.0])
+def test_keep_ratio_weight_scales_the_keep_ratio_term_of_the_loss(weight):
+    torch.manual_seed(0)
+    data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,)), tuple("0123456789"))
+    result = calibrate(small_vit(), data, data.subset(torch.arange(4)), budget=0.6, epochs=1, batch_size=8, compile=False,
+                       predictor=PredictorConfig(hidden=16), keep_ratio_weight=weight)
+    (row,) = result.history
+    assert row["ratio"] > 1e-4, "the keep ratio is off its target: the term is there to be weighed"
+    assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["kl"] + weight * row["ratio"], rel=1e-5)
+    assert result.checkpoint.metrics["keep_ratio_weight"] == weight
