@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-every", type=int, help="calibrate(val_every=N): keep the predictors of the best validation")
     ap.add_argument("--keep-ratio-weight", type=float, default=2.0, help="calibrate(keep_ratio_weight=W)")
+    ap.add_argument("--logit-distill", type=float, default=LOGIT_DISTILL, help="calibrate(logit_distill=W): 0, labels alone")
     ap.add_argument("--precision-images", type=int, default=2000)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/mask-gradient"))
     add_results_arguments(ap, "mask_gradient_<dataset>")
@@ -77,13 +78,14 @@ def main() -> None:
         for at in calibrate_at:
             best = f"-best{args.val_every}" if args.val_every else ""
             ratio = f"-ratio{args.keep_ratio_weight:g}" if args.keep_ratio_weight != 2.0 else ""
+            ratio += f"-kl{args.logit_distill:g}" if args.logit_distill != LOGIT_DISTILL else ""
             out = args.run_dir / f"{args.dataset}-{gradient}-at{at:g}-{args.steps}steps-seed{args.seed}{best}{ratio}.pt"
             if not out.is_file():
                 console.rule(f"calibrating: {gradient} gradient at budget {at:g}")
                 train, val = training_datasets(data, 5000, channels=model.cfg.in_chans)
                 calibrate(load_model(base), train, val, at, stages=STAGES, epochs=-(-args.steps // (len(train) // BATCH)),
                           max_steps=args.steps, batch_size=BATCH, lr=PREDICTOR_LR, predictor=PredictorConfig(hidden=HIDDEN),
-                          logit_distill=LOGIT_DISTILL, mask_gradient=gradient, out=out, console=console, workers=0,
+                          logit_distill=args.logit_distill, mask_gradient=gradient, out=out, console=console, workers=0,
                           seed=args.seed, val_every=args.val_every, keep_ratio_weight=args.keep_ratio_weight)
             calibrated[(gradient, at)] = out
 
@@ -118,7 +120,8 @@ def main() -> None:
                 f"`python benchmarks/mask_gradient.py --steps {args.steps} --calibrate-at {args.calibrate_at} "
                 f"--budgets {args.budgets} --gradients {','.join(gradients)}{f' --seed {args.seed}' if args.seed else ''}"
                 f"{f' --val-every {args.val_every}' if args.val_every else ''}"
-                f"{f' --keep-ratio-weight {args.keep_ratio_weight:g}' if args.keep_ratio_weight != 2.0 else ''}`.")
+                f"{f' --keep-ratio-weight {args.keep_ratio_weight:g}' if args.keep_ratio_weight != 2.0 else ''}"
+                f"{f' --logit-distill {args.logit_distill:g}' if args.logit_distill != LOGIT_DISTILL else ''}`.")
     write_results(console, args.out_dir, args.name or f"mask_gradient_{args.dataset}", "mask gradient: selection alone",
                   ["selection", *(f"budget {b:g}" for b in budgets)], cells, preamble,
                   {"rows": rows, "steps": args.steps, "seed": args.seed, "date": time.strftime("%Y-%m-%d"),
