@@ -69,7 +69,8 @@ def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int
                      predictor=PredictorConfig(hidden=hidden, signals=signals, coverage=coverage),
                      out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
                      token_distill=token_distill, logit_distill=logit_distill, seed=seed, workers=workers, device=device,
-                     precision=precision, finetune_graph="calibration")  # the shipped predictors' backbone learned with them
+                     precision=precision,
+                     finetune_graph="calibration" if finetune else None)  # the shipped predictors' backbone learned with them
 
 
 def main() -> None:
