@@ -128,11 +128,11 @@ def calibrate(
         raise UsageError(f"unknown fine-tune graph {finetune_graph!r}; choose {' or '.join(FINETUNE_GRAPHS)}")
     if not isinstance(keep_ratio_weight, (int, float)) or keep_ratio_weight < 0:
         raise UsageError(f"keep_ratio_weight must be a number >= 0, got {keep_ratio_weight!r}")
-    if not backbone_from_scores and not (finetune and finetune_graph == "calibration"):
-        raise UsageError("backbone_from_scores=False only changes a backbone tuned with the predictors: use it with "
-                         "finetune=True, finetune_graph='calibration'")
     joint = finetune and finetune_graph == "calibration"  # the backbone learns with the predictors
     after = finetune and not joint  # ... or after them, through the deployed graph
+    if not backbone_from_scores and not joint:
+        raise UsageError("backbone_from_scores=False only changes a backbone tuned with the predictors: use it with "
+                         "finetune=True, finetune_graph='calibration'")
     phases = ("calibrate", "tune") if after else ("calibrate",)
     if out is not None:
         out = check_writable_file(out, "--out")
@@ -318,9 +318,9 @@ def calibrate(
                 with autocast:
                     logits = logits_of((tuner["run"] if tuner else run_student)(x)).float()
                 ce = F.cross_entropy(logits, y)
-                kl = (F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-                      if logit_distill else torch.zeros((), device=device))
                 zero = torch.zeros((), device=device)
+                kl = (F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+                      if logit_distill else zero)
                 # The deployed graph keeps exactly its static counts and taps no tokens: no keep-ratio or token loss.
                 ratio = zero if tuner else sum((keepers[s].soft_ratio.mean() - t) ** 2 for s, t in zip(stages, targets))
                 tok = (token_loss(student.spot_final_tokens.value.float(), teacher_tokens.value.float(),
