@@ -205,6 +205,10 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
 @click.option("--budget", type=float, default=0.6, show_default=True)
+@click.option("--rank-budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Calibrate the predictors' ranking at this budget's keep counts (default: --budget); validation and "
+                   "the --finetune tune stay at --budget. Calibrating at high keep ratios can rank the object below the "
+                   "background: a lower one (0.4) measured better at 0.6 (docs/spot.md).")
 @click.option("--stages", default=None, help="Block indices, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
@@ -254,7 +258,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
               help="Training augmentation (default: what the model declares in pretrained_cfg['train_augment'], else "
                    "random-resized-crop).")
 @normalization_options
-def calibrate(model_file, model_name, factory, input_size, data_dir, budget, stages, epochs, max_steps, batch_size, lr,
+def calibrate(model_file, model_name, factory, input_size, data_dir, budget, rank_budget, stages, epochs, max_steps, batch_size, lr,
               noise, mask_gradient, keep_ratio_weight, signals, hidden, coverage, val_size, seed, no_compile, freeze_backbone,
               finetune_graph, backbone_lr, token_distill, logit_distill, out, save_every, val_every, workers, device, precision,
               augment, mean, std) -> None:
@@ -286,7 +290,8 @@ def calibrate(model_file, model_name, factory, input_size, data_dir, budget, sta
         max_steps=max_steps, seed=seed, out=out, console=console, input_size=input_size, compile=not no_compile,
         noise=noise, finetune=not freeze_backbone, backbone_lr=backbone_lr, token_distill=token_distill,
         logit_distill=logit_distill, save_every=save_every, val_every=val_every, preprocessing=preprocessing, workers=workers, device=device,
-        precision=precision, mask_gradient=mask_gradient, finetune_graph=finetune_graph, keep_ratio_weight=keep_ratio_weight)
+        precision=precision, mask_gradient=mask_gradient, finetune_graph=finetune_graph, keep_ratio_weight=keep_ratio_weight,
+        rank_budget=rank_budget)
     console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 

@@ -318,6 +318,8 @@ def test_an_unwritable_output_is_refused_before_the_model_is_loaded(tmp_path, co
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--val-size", "0"], "Invalid value for '--val-size'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--mask-gradient", "keys"], "Invalid value for '--mask-gradient'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--keep-ratio-weight", "-1"], "Invalid value for '--keep-ratio-weight'"),
+    (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--rank-budget", "0"], "Invalid value for '--rank-budget'"),
+    (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--rank-budget", "1.5"], "Invalid value for '--rank-budget'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--finetune", "--finetune-graph", "both"],
      "Invalid value for '--finetune-graph'"),
     (["calibrate", "MODEL", "--data", "DATA", "--out", "OUT", "--finetune-graph", "deployed"],
@@ -342,8 +344,10 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
     (dict(finetune_graph="deployed"), UsageError),  # without finetune=True it would do nothing
     (dict(finetune=True, backbone_from_scores=False), UsageError),  # the deployed graph's top-k passes no gradient
     (dict(keep_ratio_weight=-1.0), UsageError),
+    (dict(rank_budget=0.0), UsageError), (dict(rank_budget=1.5), UsageError),
 ], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0",
-        "finetune-graph-without-finetune", "detached-inputs-without-a-joint-tune", "negative-keep-ratio-weight"])
+        "finetune-graph-without-finetune", "detached-inputs-without-a-joint-tune", "negative-keep-ratio-weight", "rank-budget-0",
+        "rank-budget-above-1"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
     from spot_compile.calibration import calibrate
     from spot_compile.data import ImageSet

@@ -1,5 +1,6 @@
 """`calibrate(finetune=True)` tunes the backbone after the predictors, through the deployed sparse graph (the default
-`finetune_graph`), or with them through the calibration graph ("calibration")."""
+`finetune_graph`), or with them through the calibration graph ("calibration"); `rank_budget` calibrates the
+predictors at another budget's keep counts than the one the backbone is tuned and validated at."""
 
 import json
 
@@ -152,3 +153,38 @@ def test_val_every_with_finetune_returns_the_best_check_of_either_phase(monkeypa
         assert _equal(model.state_dict(), before), "the best check came before the tune: the backbone is the user's"
         tuned_from = {k: v for k, v in seen[8].items() if k.startswith("graph_module.spot_")}  # first check of the tune
         assert _equal(tuned_from, {k: v for k, v in seen[peak - 1].items() if k.startswith("graph_module.spot_")})
+
+
+def test_rank_budget_calibrates_at_its_keep_counts_and_tunes_and_validates_at_the_budget(monkeypatch):
+    train, val = _data()
+    at_low = calibration.calibrate(small_vit(), train, val, **{**ARGS, "budget": 0.4})
+    at_budget = calibration.calibrate(small_vit(), train, val, **{**ARGS, "epochs": 1, "max_steps": 1})
+
+    real_sparsify = calibration.sparsify
+    ran = []  # (budget, training?) of each forward through a sparsified graph: every one but the calibration graph's
+
+    def spied(model, config, **kwargs):
+        sparse = real_sparsify(model, config, **kwargs)
+        forward = sparse.graph_module.forward
+
+        def counted(*x):
+            ran.append((config.budget, torch.is_grad_enabled()))
+            return forward(*x)
+
+        sparse.graph_module.forward = counted
+        return sparse
+
+    monkeypatch.setattr(calibration, "sparsify", spied)
+    ranked = calibration.calibrate(small_vit(), train, val, finetune=True, backbone_lr=1e-2, rank_budget=0.4, **ARGS)
+
+    # The predictors learn exactly as a calibration at 0.4 does (the tune phase leaves them alone) ...
+    assert _equal(_predictors(ranked), _predictors(at_low))
+    assert [r["loss"] for r in ranked.history[:2]] == [r["loss"] for r in at_low.history]
+    keep_low, keep_budget = at_low.checkpoint.metrics["keep"], at_budget.checkpoint.metrics["keep"]
+    assert keep_low != keep_budget
+    assert ranked.checkpoint.metrics["keep"] == keep_low and ranked.checkpoint.metrics["rank_budget"] == 0.4
+    # ... while the checkpoint, its validations and the backbone's tune are at the budget: 8 tune steps through 0.6,
+    # and the 4 epochs' validations (one batch each) too.
+    assert ranked.checkpoint.budget == 0.6 and [s.keep for s in ranked.sparse.plan.stages] == keep_budget
+    assert [b for b, training in ran if training] == [0.6] * 8
+    assert [b for b, training in ran if not training] == [0.6] * 4
