@@ -27,7 +27,9 @@ deployed sparse graph with those predictors fixed: the same backbone fine-tune a
 had before the downstream gradient: `calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block
 gradient)" (both) and "spot then tune -<signal>" (its signal ablations). "spot --finetune" is the library's own
 `calibrate(finetune=True)` (finetune graph "deployed", block gradient): "spot then tune (block gradient)" as the
-library does it, the fine-tune's shuffle drawn from later epochs of the same seed.
+library does it, the fine-tune's shuffle drawn from later epochs of the same seed; "spot --finetune --rank-budget 0.4"
+is "spot then tune (predictors at 0.4; block gradient)" as the library does it (`calibrate(rank_budget=0.4)`), and
+"spot --finetune + coverage" the library's path with the recipe's coverage prior.
 `--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
 
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
@@ -104,6 +106,7 @@ class Arm:
     # SPOT arms that are not "then tune": the graph calibrate(finetune=True) tunes the backbone through. "calibration"
     # (jointly with the predictors) is what the arms' cached runs were made with; "deployed" is the library's default.
     finetune_graph: str = "calibration"
+    rank_budget: float | None = None  # arms tuned by calibrate(finetune=True): calibrate(rank_budget=...)
 
     @property
     def spot(self) -> bool:
@@ -123,6 +126,7 @@ ARMS = {
     "spot then tune (predictors at 0.4; block gradient)": Arm("spot", then_tune=True, predictor_budget=0.4,
                                                              mask_gradient="block"),
     "spot --finetune": Arm("spot", mask_gradient="block", finetune_graph="deployed"),
+    "spot --finetune --rank-budget 0.4": Arm("spot", mask_gradient="block", finetune_graph="deployed", rank_budget=0.4),
     "spot --finetune + coverage": Arm("spot", coverage=RECIPE_COVERAGE, mask_gradient="block", finetune_graph="deployed"),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
@@ -224,6 +228,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
                            backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,
                            finetune_graph=None if arm.then_tune else arm.finetune_graph,
+                           rank_budget=None if arm.then_tune else arm.rank_budget,
                            mask_gradient=arm.mask_gradient,
                            backbone_lr=args.backbone_lr, logit_distill=LOGIT_DISTILL, out=None if arm.then_tune else out,
                            console=console, compile=args.compile, workers=0, seed=args.seed)
