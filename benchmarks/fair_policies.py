@@ -438,8 +438,9 @@ def report(rows, names, budgets, dense_top1, maps, test, args, console, n_test) 
     write_results(console, args.out_dir, name, f"{args.dataset}: top-1 @ FLOPs, equal fine-tunes", columns, cells,
                   preamble, record)
     what = f"every arm tuned {args.steps} steps at {args.tune_budget:g}" if args.steps else "untuned backbone"
+    control = {f"{r['arm']} (tuned)": r["top1"] for r in rows if ARMS[r["arm"]].policy is None and args.steps}
     save_accuracy_vs_flops([{"policy": r["arm"], **r} for r in rows if r["budget"] < 1.0 and "top1" in r],
-                           args.out_dir / f"{name}.png", dense_top1, f"{args.dataset}: {what}")
+                           args.out_dir / f"{name}.png", dense_top1, f"{args.dataset}: {what}", control)
     if maps:
         save_token_maps(test.images[:6], maps, args.out_dir / f"{name}_token_maps.png",
                         [FASHION_MNIST_CLASSES[int(y)] for y in test.labels[:6]])

@@ -69,12 +69,16 @@ def save_token_maps(images: torch.Tensor, maps_by_policy: dict[str, list[torch.T
     plt.close(fig)
 
 
-def save_accuracy_vs_flops(rows: list[dict], path: Path, dense_acc: float, title: str) -> None:
+def save_accuracy_vs_flops(rows: list[dict], path: Path, dense_acc: float, title: str,
+                           references: dict[str, float] | None = None) -> None:
+    """One line per policy; `dense_acc` and each of `references` (label: top-1, e.g. a tuned control) horizontal."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         pts = sorted((r["flops_ratio"], r["top1"]) for r in rows if r["policy"] == policy)
         ax.plot(*zip(*pts), marker="o", label=policy)
     ax.axhline(dense_acc, color="k", ls="--", lw=1, label=f"dense {dense_acc:.2f}%")
+    for label, acc in (references or {}).items():
+        ax.axhline(acc, color="k", ls=":", lw=1, label=f"{label} {acc:.2f}%")
     ax.set_xlabel("FLOPs, fraction of dense (torch FlopCounterMode)")
     ax.set_ylabel("top-1 % (held-out test split)")
     ax.set_title(title, fontsize=9)
