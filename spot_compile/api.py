@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, clone_graph_module, device_of, dtype_of, example_input
+from .capture import capture, clone_graph_module, device_of, dtype_of, example_input, noise_images
 from .config import SparsifyConfig
 from .errors import BudgetError, InputSizeError, StructureError, first_line
 from .flops import count_flops
@@ -132,7 +132,7 @@ class SparseViT(nn.Module):
 
     def example(self, batch: int) -> torch.Tensor:
         """A random input batch of the shape, dtype and device this model takes."""
-        return torch.randn(batch, *self.plan.input_shape[1:], device=device_of(self.graph_module), dtype=dtype_of(self.graph_module))
+        return noise_images((batch, *self.plan.input_shape[1:]), device_of(self.graph_module), dtype_of(self.graph_module))
 
     @property
     def scorers(self) -> dict[str, nn.Module]:

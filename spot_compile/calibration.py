@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Subset
 from .api import SparseViT, sparsify
 from .capture import capture, clone_graph_module, example_input
 from .checkpoints import fingerprint, load_tensors
-from .config import SparsifyConfig
+from .config import SparsifyConfig, flops_fraction
 from .data import ImageSet
 from .distributed import Processes, default_workers, local_rank, resolve_device
 from .errors import CheckpointError, DataError, UsageError, first_line
@@ -134,9 +134,8 @@ def calibrate(
     finetune_graph = FINETUNE_GRAPHS[0] if finetune_graph is None else finetune_graph
     if finetune_graph not in FINETUNE_GRAPHS:
         raise UsageError(f"unknown fine-tune graph {finetune_graph!r}; choose {' or '.join(FINETUNE_GRAPHS)}")
-    rank_budget = budget if rank_budget is None else rank_budget
-    if isinstance(rank_budget, bool) or not isinstance(rank_budget, (int, float)) or not 0 < rank_budget <= 1:
-        raise UsageError(f"rank_budget must be a number in (0, 1], got {rank_budget!r}")
+    budget = flops_fraction(budget, "budget")  # before the capture and compile, not after
+    rank_budget = budget if rank_budget is None else flops_fraction(rank_budget, "rank_budget")
     if not isinstance(keep_ratio_weight, (int, float)) or keep_ratio_weight < 0:
         raise UsageError(f"keep_ratio_weight must be a number >= 0, got {keep_ratio_weight!r}")
     joint = finetune and finetune_graph == "calibration"  # the backbone learns with the predictors
@@ -175,11 +174,8 @@ def calibrate(
     sparse = sparsify(model, SparsifyConfig(budget=budget, stages=stages, policy="spot", input_size=input_size), scorers=predictors)
     ranking = sparse
     if rank_budget != budget:
-        # sparsify draws example inputs from the global generator: forked, so that the steps that follow draw what
-        # they would in a calibration at rank_budget
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            ranking = sparsify(model, SparsifyConfig(budget=rank_budget, stages=stages, policy="spot", input_size=input_size),
-                               scorers=predictors)
+        ranking = sparsify(model, SparsifyConfig(budget=rank_budget, stages=stages, policy="spot", input_size=input_size),
+                           scorers=predictors)
     keep = tuple(s.keep for s in ranking.plan.stages)  # the calibration graph's; `sparse`'s where rank_budget is budget
     scorers = predictors if backbone_from_scores else {s: DetachedInputs(m) for s, m in predictors.items()}
     student, keepers = build_calibration_graph(captured, stages, keep, scorers, noise, mask_gradient)
@@ -212,12 +208,14 @@ def calibrate(
     best: dict = {"top1": -1.0, "step": 0, "predictors": None, "backbone": None, "checks": []}
     # What a partial checkpoint must have been made for to be resumed here: the same model, budget, stages and setup.
     # In its JSON form (tuples as lists), as it is read back from a partial.
-    identity = json.loads(json.dumps({"fingerprint": fingerprint(model, structure), "budget": budget,
-                                      "rank_budget": rank_budget, "stages": list(stages),
-                                      "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
-                                      "finetune_graph": finetune_graph if finetune else None,
-                                      "mask_gradient": mask_gradient, "val_every": val_every, "keep_ratio_weight": keep_ratio_weight,
-                                      "batch_size": batch_size, "world_size": procs.world_size}))
+    identity = {"fingerprint": fingerprint(model, structure), "budget": budget, "stages": list(stages),
+                "keep": list(keep), "predictor": asdict(predictor), "finetune": finetune,
+                "finetune_graph": finetune_graph if finetune else None,
+                "mask_gradient": mask_gradient, "val_every": val_every, "keep_ratio_weight": keep_ratio_weight,
+                "batch_size": batch_size, "world_size": procs.world_size}
+    if rank_budget != budget:  # only then: a partial written before rank_budget existed stays resumable
+        identity["rank_budget"] = rank_budget
+    identity = json.loads(json.dumps(identity))
     # The backbone's fine-tune through the deployed graph (finetune_graph "deployed"): built when its phase starts.
     tuner: dict = {}
 

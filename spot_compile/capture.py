@@ -48,7 +48,16 @@ def example_input(model: torch.nn.Module, input_size: int | tuple[int, int] | No
     if size is None:
         raise InputSizeError("cannot tell the model's input size; pass it with --input-size N (SparsifyConfig.input_size)")
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return torch.randn(batch, int(channels), int(h), int(w), device=device_of(model), dtype=dtype_of(model))
+    return noise_images((batch, int(channels), int(h), int(w)), device_of(model), dtype_of(model))
+
+
+def noise_images(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian images of `shape`, the same on every call, drawn from a private generator.
+
+    An example input only fixes shapes, dtype and device. Drawing it from the global generator made sparsifying move
+    the caller's random stream: a calibration that sparsified twice trained differently from one that sparsified once.
+    """
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
 
 
 def _declared(model: torch.nn.Module, names: tuple[str, ...]):

@@ -40,12 +40,7 @@ class SparsifyConfig:
     tolerance: float = field(default=0.02, repr=False)
 
     def __post_init__(self) -> None:
-        try:
-            self.budget = float(self.budget)
-        except (TypeError, ValueError):
-            raise BudgetError(f"budget must be a number in (0, 1], got {self.budget!r}") from None
-        if not 0.0 < self.budget <= 1.0:
-            raise BudgetError(f"budget must be in (0, 1] (a fraction of the dense FLOPs), got {self.budget}; e.g. --budget 0.6")
+        self.budget = flops_fraction(self.budget, "budget")
         if not isinstance(self.policy, str) or self.policy not in policy_names():
             raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
         if self.fuse_pruned and not policy_class(self.policy).fusable:
@@ -70,6 +65,21 @@ class SparsifyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def flops_fraction(value, name: str) -> float:
+    """`value` as a float in (0, 1], a fraction of the dense model's FLOPs; a one-line BudgetError naming `name`
+    (the argument, as the API calls it) for anything else."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):  # float(True) is 1.0: a flag passed where a fraction was meant
+        raise BudgetError(f"{name} must be a number in (0, 1], got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise BudgetError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise BudgetError(f"{name} must be in (0, 1] (a fraction of the dense FLOPs), got {value}; e.g. {flag} 0.6")
+    return value
 
 
 def _whole_numbers(values, name: str, what: str) -> tuple[int, ...]:

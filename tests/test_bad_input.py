@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import spot_compile as sc
 from spot_compile.cli import main
-from spot_compile.errors import CheckpointError, DataError, InputSizeError, StructureError, UsageError
+from spot_compile.errors import BudgetError, CheckpointError, DataError, InputSizeError, StructureError, UsageError
 from spot_compile.models.vit import ViT
 
 from .conftest import small_vit
@@ -344,17 +344,25 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
     (dict(finetune_graph="deployed"), UsageError),  # without finetune=True it would do nothing
     (dict(finetune=True, backbone_from_scores=False), UsageError),  # the deployed graph's top-k passes no gradient
     (dict(keep_ratio_weight=-1.0), UsageError),
-    (dict(rank_budget=0.0), UsageError), (dict(rank_budget=1.5), UsageError),
+    (dict(rank_budget=0.0), BudgetError), (dict(rank_budget=1.5), BudgetError), (dict(rank_budget=True), BudgetError),
+    (dict(budget=1.5), BudgetError), (dict(budget="half"), BudgetError),
 ], ids=["batch-0", "epochs-0", "max-steps-0", "batch-above-data", "unknown-mask-gradient", "val-every-0",
         "finetune-graph-without-finetune", "detached-inputs-without-a-joint-tune", "negative-keep-ratio-weight", "rank-budget-0",
-        "rank-budget-above-1"])
-def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, kw, error):
-    from spot_compile.calibration import calibrate
+        "rank-budget-above-1", "rank-budget-a-flag", "budget-above-1", "budget-not-a-number"])
+def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, monkeypatch, kw, error):
+    from spot_compile import calibration
     from spot_compile.data import ImageSet
 
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before refusing the run")
+
+    monkeypatch.setattr(calibration, "capture", no_capture)  # every refusal comes before the slow work
     data = ImageSet(torch.rand(12, 1, 16, 16), torch.randint(0, 10, (12,)), tuple("0123456789"))
-    with pytest.raises(error):
-        calibrate(model, data, data, 0.6, **{"batch_size": 4, **kw})
+    kw = {"batch_size": 4, **kw}
+    with pytest.raises(error) as refused:
+        calibration.calibrate(model, data, data, kw.pop("budget", 0.6), **kw)
+    if error is BudgetError:
+        assert ("rank_budget" in str(refused.value)) == ("rank_budget" in kw), refused.value
 
 
 # --- calibration data and its partial checkpoint -------------------------------------------------------------------

@@ -132,3 +132,15 @@ def test_flops_off_the_cpu_count_attention_under_the_math_backend():
     assert seen == [True, False]
     model, x = small_vit(), torch.randn(2, 1, 16, 16)
     assert count_flops(model.to("meta"), x.to("meta")) == count_flops(small_vit(), x) > 0
+
+
+@pytest.mark.parametrize("policy", ["merge", "class-attention"])
+def test_sparsify_leaves_the_callers_random_stream_where_it_was(policy):
+    # A calibration sparsifies once per budget it needs; the steps after must draw what they would without it.
+    model = small_vit(depth=6, img_size=24)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy=policy))
+    assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(sparse.example(2), sparse.example(2))  # the example comes from its own generator
