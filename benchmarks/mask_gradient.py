@@ -111,13 +111,13 @@ def main() -> None:
     for gradient, at, _ in runs:
         mine = {r["budget"]: r for r in rows if r["calibrated_at"] == at and (r["mask_gradient"] or "class attention") == gradient}
         label = f"spot, {gradient} gradient, calibrated at {at:g}" if at else gradient
-        cells.append([label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f} (box {mine[b]['box_precision']:.0f}%)"
-                               for b in budgets)])
-    share = rows[0]["box_share"]
+        cells.append([label, *(f"{mine[b]['top1']:.2f}% @ {mine[b]['flops_ratio']:.3f}"
+                               + (f" (box {mine[b]['box_precision']:.0f}%)" if boxes is not None else "") for b in budgets)])
+    boxed = (f"; in brackets the last stage's box precision ({len(probe)} images; the box holds {rows[0]['box_share']:.0f}% "
+             "of the tokens)" if boxes is not None else "")
     preamble = (f"Top-1 on {len(test)} held-out {args.dataset} test images; the untuned dense backbone, stages {STAGES}, "
-                f"predictors calibrated {args.steps} steps of {BATCH} on it (frozen), seed {args.seed}; in brackets the last "
-                f"stage's box precision ({len(probe)} images; the box holds {share:.0f}% of the tokens). "
-                f"`python benchmarks/mask_gradient.py --steps {args.steps} --calibrate-at {args.calibrate_at} "
+                f"predictors calibrated {args.steps} steps of {BATCH} on it (frozen), seed {args.seed}{boxed}. "
+                f"`python benchmarks/mask_gradient.py --dataset {args.dataset} --steps {args.steps} --calibrate-at {args.calibrate_at} "
                 f"--budgets {args.budgets} --gradients {','.join(gradients)}{f' --seed {args.seed}' if args.seed else ''}"
                 f"{f' --val-every {args.val_every}' if args.val_every else ''}"
                 f"{f' --keep-ratio-weight {args.keep_ratio_weight:g}' if args.keep_ratio_weight != 2.0 else ''}"

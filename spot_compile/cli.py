@@ -207,8 +207,8 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
 @click.option("--budget", type=float, default=0.6, show_default=True)
 @click.option("--rank-budget", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Calibrate the predictors' ranking at this budget's keep counts (default: --budget); validation and "
-                   "the --finetune tune stay at --budget. Calibrating at high keep ratios can rank the object below the "
-                   "background: a lower one (0.4) measured better at 0.6 (docs/spot.md).")
+                   "the --finetune tune stay at --budget. The ranking is learned at the top-k boundary: rank where the last "
+                   "stage keeps a little less than the object's share of the image (docs/spot.md, 'Which keep ratio to rank at').")
 @click.option("--stages", default=None, help="Block indices, e.g. 3,6,9 (default: 1/4, 1/2, 3/4 depth).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
