@@ -128,6 +128,8 @@ ARMS = {
     "spot --finetune": Arm("spot", mask_gradient="block", finetune_graph="deployed"),
     "spot --finetune --rank-budget 0.4": Arm("spot", mask_gradient="block", finetune_graph="deployed", rank_budget=0.4),
     "spot --finetune + coverage": Arm("spot", coverage=RECIPE_COVERAGE, mask_gradient="block", finetune_graph="deployed"),
+    "spot --finetune --rank-budget 0.4 + coverage": Arm("spot", coverage=RECIPE_COVERAGE, mask_gradient="block",
+                                                         finetune_graph="deployed", rank_budget=0.4),
     "coverage": Arm("spot", coverage=COVERAGE_ONLY),
     "random": Arm("random"),
     "class-attention": Arm("class-attention"),
