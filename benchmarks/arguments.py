@@ -17,7 +17,8 @@ def comma_choices(text: str, choices: Iterable[str], what: str) -> list[str]:
     return names
 
 
-def add_results_arguments(ap: argparse.ArgumentParser, default_name: str) -> None:
-    """`--out-dir` (docs/results) and `--name`, the results files' stem (`default_name` says what it defaults to)."""
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+def add_results_arguments(ap: argparse.ArgumentParser, default_name: str, study: str) -> None:
+    """`--out-dir` (docs/results/`study`, the study's own folder) and `--name`, the results files' stem (`default_name`
+    says what it defaults to)."""
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results") / study)
     ap.add_argument("--name", help=f"results file stem (default: {default_name})")

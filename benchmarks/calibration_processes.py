@@ -1,7 +1,7 @@
 """The shipped calibration recipe on one process and on two (torchrun, DistributedDataParallel over gloo), same global
 batch (128: 2 x 64) and steps (429), then both predictor sets on the held-out test split.
 
-    python benchmarks/calibration_processes.py     # writes docs/results/calibration_processes.{json,md}
+    python -m benchmarks.calibration_processes     # writes docs/results/calibration_processes/calibration_processes.{json,md}
 
 Each calibration runs as its own command (below), skipped when its checkpoint is already in --run-dir:
     python recipes/calibrate_shipped.py --out RUN/single.pt
@@ -18,16 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from result_table import write_results
 from rich.console import Console
 
+import spot_compile as sc
+from benchmarks.result_table import write_results
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.measure.accuracy import accuracy
+from spot_compile.models.zoo import load_shipped_model
+from spot_compile.serialization.predictors import load_predictor_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import spot_compile as sc  # noqa: E402
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from spot_compile.predictors import load_predictor_metrics  # noqa: E402
-from spot_compile.training import accuracy  # noqa: E402
-from spot_compile.zoo import load_shipped_model  # noqa: E402
 
 RUNS = {
     "1 process, batch 128": ("single.pt", [sys.executable, "recipes/calibrate_shipped.py"]),
@@ -39,7 +40,7 @@ RUNS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/recipe"))
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs/results")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs/results/calibration_processes")
     args = ap.parse_args()
     console = Console()
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def main() -> None:
     write_results(console, args.out_dir, "calibration_processes",
                   "shipped recipe at budget 0.6: one process vs two, same global batch and steps",
                   ["run", "val top-1 % (5k)", "test top-1 % (10k)", "FLOPs ratio", "seconds", "weight difference between ranks"],
-                  cells, f"# The shipped recipe on one process and on two\n\n`python benchmarks/calibration_processes.py` on "
+                  cells, f"# The shipped recipe on one process and on two\n\n`python -m benchmarks.calibration_processes` on "
                   f"{os.cpu_count()} CPU cores (both calibrations share them: the seconds are not a speed-up measurement).",
                   {"cores": os.cpu_count(), "rows": rows})
 

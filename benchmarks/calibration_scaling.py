@@ -1,6 +1,6 @@
 """Calibration's resident memory against the number of images, and its throughput, this version against an earlier one.
 
-    python benchmarks/calibration_scaling.py --baseline-ref 7f35cc3   # writes docs/results/calibration_scaling.{json,md}
+    python -m benchmarks.calibration_scaling --baseline-ref 7f35cc3   # writes docs/results/calibration_scaling/calibration_scaling.{json,md}
 
 Memory: an ImageFolder tree of N and of 4N Fashion-MNIST training images, drawn as 64x64 RGB PNGs, calibrated
 for the same few steps on the same model (a 64-pixel, 3-channel ViT in a model file; its weights do not matter to
@@ -23,17 +23,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from result_table import write_results
 from rich.console import Console
 from rich.progress import track
 
+from benchmarks.result_table import write_results
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 
 MODEL = ("import torch\nfrom spot_compile.models.vit import ViT\ntorch.manual_seed(0)\n"
          "model = ViT(img_size=64, patch_size=8, in_chans=3, dim=64, depth=4, heads=2, num_classes=10)\n")
-SHIPPED = "from spot_compile.zoo import load_shipped_model\nmodel, _ = load_shipped_model()\n"
+SHIPPED = "from spot_compile.models.zoo import load_shipped_model\nmodel, _ = load_shipped_model()\n"
 
 
 def write_folder(root: Path, n: int) -> Path:
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000, help="N: the small data set (the large one is 4N)")
     ap.add_argument("--steps", type=int, default=40, help="steps of the throughput runs")
     ap.add_argument("--work", type=Path, default=Path("runs/calibration_scaling"))
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs/results")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs/results/calibration_scaling")
     args = ap.parse_args()
     console = Console()
     work = args.work.resolve()
@@ -127,7 +128,7 @@ def main() -> None:
                   f"calibration: peak RSS with {n} vs {big} images (64x64 RGB), throughput of the shipped recipe",
                   ["version", f"peak RSS, {n} images (MiB)", f"peak RSS, {big} images (MiB)", "ratio 4x/1x",
                    "shipped recipe images/s"], cells,
-                  f"# Calibration: memory against data size, and throughput\n\n`python benchmarks/calibration_scaling.py"
+                  f"# Calibration: memory against data size, and throughput\n\n`python -m benchmarks.calibration_scaling"
                   f"{' --baseline-ref ' + args.baseline_ref if args.baseline_ref else ''}` on {os.cpu_count()} CPU cores.",
                   {"cores": os.cpu_count(), "rows": rows})
 

@@ -1,6 +1,6 @@
 """What the streaming data path costs a training step, against the in-memory path it replaced, in one process.
 
-    python benchmarks/data_path.py          # writes docs/results/data_path.{json,md}
+    python -m benchmarks.data_path          # writes docs/results/data_path/data_path.{json,md}
 
 The shipped model's compiled training step (forward, backward, AdamW; batch 128, the recipe's size) is fed by:
   in memory: the Fashion-MNIST training split decoded into one float tensor, indexed, normalised and augmented
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,14 +26,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.result_table import write_results  # noqa: E402
-from recipes.train_dense import augment  # noqa: E402
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from spot_compile.preprocessing import model_normalization, model_preprocessing  # noqa: E402
-from spot_compile.streaming import IdxImages, Prepared, SeededSampler, TrainTransform, loader  # noqa: E402
-from spot_compile.training import batches  # noqa: E402
-from spot_compile.zoo import load_shipped_model  # noqa: E402
+from benchmarks.result_table import write_results
+from recipes.train_dense import augment
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.data.idx import (
+    IdxImages,
+    load_dataset,
+)
+from spot_compile.data.imageset import batches
+from spot_compile.data.loading import Prepared, SeededSampler, loader
+from spot_compile.data.preprocessing import model_normalization, model_preprocessing
+from spot_compile.data.transforms import TrainTransform
+from spot_compile.models.zoo import load_shipped_model
 
 BATCH = 128
 
@@ -64,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="steps of each path per round")
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/data_path"))
     args = ap.parse_args()
     console = Console()
     model, _ = load_shipped_model()
@@ -105,7 +108,7 @@ def main() -> None:
         cells.append([name, f"{step:.3f}", f"{BATCH / step:.1f}", f"{step / base:.3f}", f"{1000 * data:.1f}"])
     write_results(console, args.out_dir, "data_path", "training step by data path (median of interleaved rounds)",
                   ["data path", "s / step", "images/s", "step vs in memory", "data alone, ms / batch"], cells,
-                  f"# The data path's cost to a training step\n\n`python benchmarks/data_path.py` on {os.cpu_count()} CPU "
+                  f"# The data path's cost to a training step\n\n`python -m benchmarks.data_path` on {os.cpu_count()} CPU "
                   f"cores, torch {torch.__version__}: the shipped model's compiled training step at batch {BATCH}, "
                   f"{args.rounds} interleaved rounds of {args.steps} steps per path after a warm-up; medians.",
                   {"cores": os.cpu_count(), "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps, "rows": rows})

@@ -13,7 +13,7 @@ pack() { tar -czf "$OUT/results.tgz" -C "$RES" . ; }  # partial.json files too: 
 step() {  # step SECONDS ARGS...: one latency.py run
     local limit=$1; shift
     echo "=== $(date +%T) latency.py $* (limit ${limit}s)" | tee -a "$LOG"
-    timeout "$limit" python3 benchmarks/latency.py --device cuda --out-dir "$RES" "$@" 2>&1 | tee -a "$LOG"
+    timeout "$limit" python -m benchmarks.latency --device cuda --out-dir "$RES" "$@" 2>&1 | tee -a "$LOG"
     echo "=== $(date +%T) exit ${PIPESTATUS[0]}" | tee -a "$LOG"
     pack
 }
@@ -32,7 +32,7 @@ step() {  # step SECONDS ARGS...: one latency.py run
 echo "=== $(date +%T) compile check: shipped SPOT, budget 0.6, batch 64" | tee -a "$LOG"
 timeout 150 python3 - <<'PY' 2>&1 | grep -v Warning | tee -a "$LOG"
 import time, torch, spot_compile as sc
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
 model = load_shipped_model()[0].cuda()
 t = time.time()
 sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(SHIPPED_PREDICTORS)))

@@ -1,11 +1,11 @@
 """Latency of dense vs sparsified built-in models (see spot_compile.bench for how it measures).
 
-    python benchmarks/latency.py --model deit_small                 # budgets 1.0,0.8,0.6,0.5; batches 1,8,64
-    python benchmarks/latency.py --model shipped --policy spot      # the shipped ViT with its SPOT predictors
-    python benchmarks/latency.py --model deit_small --device cuda   # on a GPU: eager, Inductor/Triton, CUDA graphs
-    python benchmarks/latency.py --model shipped --modes eager,compiled,aot --batches 1 --repeats 100 --tag batch1
+    python -m benchmarks.latency --model deit_small                 # budgets 1.0,0.8,0.6,0.5; batches 1,8,64
+    python -m benchmarks.latency --model shipped --policy spot      # the shipped ViT with its SPOT predictors
+    python -m benchmarks.latency --model deit_small --device cuda   # on a GPU: eager, Inductor/Triton, CUDA graphs
+    python -m benchmarks.latency --model shipped --modes eager,compiled,aot --batches 1 --repeats 100 --tag batch1
 
-Writes docs/results/latency_<model>[_<policy>][_<tag>].{json,md} and speedup_<...>.png (and, while it runs,
+Writes docs/results/latency/latency_<model>[_<policy>][_<tag>].{json,md} and speedup_<...>.png (and, while it runs,
 latency_<...>.partial.json with the rows so far, removed at the end). For a model of your own:
 spot-compile bench mymodel.py.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from spot_compile.bench import DEFAULT_MODES, report, run_bench
+from spot_compile.cli.bench import DEFAULT_MODES, report, run_bench
 
 
 def build(name: str) -> tuple[torch.nn.Module, int]:
     if name == "shipped":
-        from spot_compile.zoo import load_shipped_model
+        from spot_compile.models.zoo import load_shipped_model
 
         return load_shipped_model()[0], 28
     import timm
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--policy", default="class-attention", choices=["class-attention", "random", "spot"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/latency"))
     ap.add_argument("--tag", default="", help="appended to the output names, e.g. batch1 for a run with --batches 1")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def main() -> None:
     if args.policy == "spot":
         if args.model != "shipped":
             ap.error("--policy spot needs calibrated predictors: only the shipped model has them")
-        from spot_compile.zoo import SHIPPED_PREDICTORS
+        from spot_compile.models.zoo import SHIPPED_PREDICTORS
 
         config["predictors"] = str(SHIPPED_PREDICTORS)
     name = args.model if args.policy == "class-attention" else f"{args.model}_{args.policy}"

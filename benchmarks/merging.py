@@ -1,6 +1,6 @@
 """Merging beside the pruning policies, no training, on the shipped model and the held-out Fashion-MNIST test split.
 
-    python benchmarks/merging.py          # writes docs/results/merging.{json,md} and accuracy_vs_flops_merging.png
+    python -m benchmarks.merging          # writes docs/results/merging/merging.{json,md} and accuracy_vs_flops_merging.png
 
 Every policy runs on the same shipped backbone at the same budgets, in one run: merge (ToMe-style, every block after
 the first, and at the pruning stages only), class attention, random, and the shipped SPOT predictors (calibrated, with
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +20,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import spot_compile as sc  # noqa: E402
-from spot_compile.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from spot_compile.policies import default_stages  # noqa: E402
-from spot_compile.training import accuracy  # noqa: E402
-from spot_compile.visualize import save_accuracy_vs_flops  # noqa: E402
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
+import spot_compile as sc
+from spot_compile.cli.visualize import save_accuracy_vs_flops
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.measure.accuracy import accuracy
+from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.policies import default_stages
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8)
 
@@ -35,7 +34,7 @@ BUDGETS = (0.5, 0.6, 0.7, 0.8)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/merging"))
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
     args = ap.parse_args()
     console = Console()
@@ -86,7 +85,7 @@ def main() -> None:
         table.add_row(name, *cells)
     header = (f"Top-1 on the {len(test)} held-out Fashion-MNIST test images @ FLOPs ratio (FlopCounterMode, the "
               f"policy's own work included); shipped backbone, no training except the SPOT row; dense {dense_acc:.2f}%. "
-              f"torch {result['torch']}, {result['date']}; `python benchmarks/merging.py`.\n\n")
+              f"torch {result['torch']}, {result['date']}; `python -m benchmarks.merging`.\n\n")
     (args.out_dir / "merging.md").write_text(header + "\n".join(md) + "\n")
     console.print(table)
     save_accuracy_vs_flops([r for r in rows if "error" not in r], args.out_dir / "accuracy_vs_flops_merging.png", dense_acc,

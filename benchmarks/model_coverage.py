@@ -1,8 +1,8 @@
 """Model coverage: every supported family (small, random init) at budget 1.0 and 0.6.
 
-    python benchmarks/model_coverage.py
+    python -m benchmarks.model_coverage
 
-Writes docs/results/model_coverage.{json,md}: blocks and special tokens found, max |output - dense| at budget 1.0,
+Writes docs/results/model_coverage/model_coverage.{json,md}: blocks and special tokens found, max |output - dense| at budget 1.0,
 the FLOPs ratio at budget 0.6 (FlopCounterMode), tokens per stage, and max |compiled - eager| of the sparse model.
 The models are the ones tests/test_model_libraries.py checks (tests/model_families.py).
 """
@@ -10,7 +10,6 @@ The models are the ones tests/test_model_libraries.py checks (tests/model_famili
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -18,9 +17,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import spot_compile as sc  # noqa: E402
-from tests.model_families import FAMILIES, INPUT_SIZE, build, logits  # noqa: E402
+import spot_compile as sc
+from tests.model_families import FAMILIES, INPUT_SIZE, build, logits
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 

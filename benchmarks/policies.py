@@ -1,6 +1,6 @@
 """Accuracy vs FLOPs of every token policy on the shipped model, on the held-out Fashion-MNIST test split.
 
-    python benchmarks/policies.py            # writes docs/results/policies.{json,md,png} and token_maps.png
+    python -m benchmarks.policies            # writes docs/results/policies/policies.{json,md,png} and token_maps.png
 
 Policies: dense, SPOT (calibrated, shipped predictors), class-attention top-k (training-free, EViT-like), random
 tokens, and SPOT with each input signal removed, and without the coverage prior when the recipe uses one (ablations,
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -23,15 +22,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/ is a folder of scripts, not installed
-import spot_compile as sc  # noqa: E402
-from recipes.calibrate_shipped import COVERAGE, calibrate_shipped  # noqa: E402
-from spot_compile.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from spot_compile.predictors import SIGNALS  # noqa: E402
-from spot_compile.preprocessing import model_normalization  # noqa: E402
-from spot_compile.training import accuracy  # noqa: E402
-from spot_compile.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps  # noqa: E402
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model  # noqa: E402
+import spot_compile as sc
+from recipes.calibrate_shipped import COVERAGE, calibrate_shipped
+from spot_compile.cli.visualize import kept_patches, save_accuracy_vs_flops, save_token_maps
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
+from spot_compile.data.preprocessing import model_normalization
+from spot_compile.measure.accuracy import accuracy
+from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.scorers.spot import SIGNALS
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 1.0)
 
@@ -39,7 +38,7 @@ BUDGETS = (0.5, 0.6, 0.7, 0.8, 1.0)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/policies"))
     ap.add_argument("--ablation-dir", type=Path, default=Path("runs/ablation"))
     ap.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10k)")
     ap.add_argument("--no-ablations", dest="ablations", action="store_false",

@@ -1,10 +1,10 @@
 """Latency of several token policies side by side at one FLOPs budget: dense, and each policy, eager and compiled,
 all timed in one round-robin loop per batch size (spot_compile.timing), so they compare on equal terms.
 
-    python benchmarks/policy_latency.py --model deit_tiny --batches 32              # timm DeiT-T, 224 px
-    python benchmarks/policy_latency.py --model shipped --batches 1,8,64            # the shipped Fashion-MNIST ViT
+    python -m benchmarks.policy_latency --model deit_tiny --batches 32              # timm DeiT-T, 224 px
+    python -m benchmarks.policy_latency --model shipped --batches 1,8,64            # the shipped Fashion-MNIST ViT
 
-Writes docs/results/policy_latency_<model>.{json,md}. For each policy and mode: median ms, the speedup over the
+Writes docs/results/policy_latency/policy_latency_<model>.{json,md}. For each policy and mode: median ms, the speedup over the
 fastest dense (eager or compiled, whichever is faster at that batch), and that speedup times the FLOPs ratio: the
 share of the FLOPs limit reached (1.0: time falls exactly as FLOPs do). The FLOPs count the policy's own work
 (scorers, merging's similarity matmul) as FlopCounterMode sees it.
@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from latency import build
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import build  # noqa: E402
-
-import spot_compile as sc  # noqa: E402
-from spot_compile.bench import compiled_fn  # noqa: E402
-from spot_compile.timing import median_ms  # noqa: E402
+import spot_compile as sc
+from spot_compile.cli.bench import compiled_fn
+from spot_compile.measure.timing import median_ms
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/policy_latency"))
     args = ap.parse_args()
     console = Console()
     torch.manual_seed(0)

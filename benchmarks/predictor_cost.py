@@ -1,7 +1,7 @@
 """What SPOT's predictors cost in wall-clock time, on the shipped model or a timm DeiT.
 
-    python benchmarks/predictor_cost.py                        # writes docs/results/predictor_cost.{json,md}
-    python benchmarks/predictor_cost.py --model deit_small     # timm DeiT-S, predictors with random weights
+    python -m benchmarks.predictor_cost                        # writes docs/results/predictor_cost/predictor_cost.{json,md}
+    python -m benchmarks.predictor_cost --model deit_small     # timm DeiT-S, predictors with random weights
 
 For each batch size and mode (eager, torch.compile, AOTInductor), round-robin in one process (median of `--repeats`
 after warm-up), compiled with the same options as `spot-compile bench`:
@@ -14,7 +14,7 @@ after warm-up), compiled with the same options as `spot-compile bench`:
 Predictor share: the median over rounds of (spot - bare) / median spot, each round timing the graphs back to back,
 with its interquartile range in brackets: the fraction of SPOT's time spent in taps and predictors (target: 3 %).
 
-    python benchmarks/predictor_cost.py --split --modes aot --batches 1,8 --repeats 80 --warmup 5 --tag split
+    python -m benchmarks.predictor_cost --split --modes aot --batches 1,8 --repeats 80 --warmup 5 --tag split
 
 `--split` adds a fifth graph, SPOT with its attention descriptor replaced by zeros of the same shape (same
 predictors, stages and keep counts; its selections are meaningless, its cost is what remains without the taps), and
@@ -38,13 +38,14 @@ from torch import nn
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.bench import MODES, compiled_fn, cpu_name
-from spot_compile.capture import capture, example_input
-from spot_compile.passes.find_blocks import find_blocks
+from spot_compile.cli.bench import MODES, compiled_fn, cpu_name
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.measure.timing import round_robin_ms
+from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
 from spot_compile.policies import default_stages
-from spot_compile.predictors import PredictorConfig, make_predictors
-from spot_compile.timing import round_robin_ms
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.scorers.spot import PredictorConfig, make_predictors
 
 
 class FreeScorer(nn.Module):
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled,aot", help=f"comma-separated, from {', '.join(MODES)}")
     ap.add_argument("--split", action="store_true", help="also time SPOT without its descriptor taps (see above)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/results/predictor_cost"))
     args = ap.parse_args()
     modes = args.modes.split(",")
     if set(modes) - set(MODES):

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from spot_compile.calibration import calibrate
-from spot_compile.data import FASHION_MNIST_DIR
-from spot_compile.predictors import SIGNALS, PredictorConfig
-from spot_compile.streaming import training_datasets
-from spot_compile.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.calibration.config import PRECISIONS, CalibrationConfig, FineTune, LossWeights, Optimization, RunOptions
+from spot_compile.calibration.trainer import calibrate
+from spot_compile.data.datasets import training_datasets
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
+from spot_compile.scorers.spot import SIGNALS, PredictorConfig
 
 # One epoch of the 55k training images (429 steps of 128), chosen on the 5k validation split at budget 0.6 (dense
 # reads 83.08 % there): 250 steps -> 82.02 %, 429 steps -> 82.86 % with every later block masked, 83.00 % with the
@@ -52,25 +54,35 @@ LOGIT_DISTILL = 0.5
 COVERAGE = 2.0
 
 
-def calibrate_shipped(out: Path, signals: tuple[str, ...] = SIGNALS, hidden: int = HIDDEN, budget: float = 0.6, steps: int = STEPS,
-                      data: Path = FASHION_MNIST_DIR, console: Console | None = None, noise: float = NOISE, lr: float = LR,
-                      finetune: bool = True, backbone_lr: float = BACKBONE_LR, token_distill: float = TOKEN_DISTILL, seed: int = 0,
-                      logit_distill: float = LOGIT_DISTILL, coverage: float = COVERAGE, workers: int = 0,
-                      device: str | None = "cpu", precision: str = "fp32"):
+# The recipe as one config; `calibrate_shipped` and the command line below change it by flat setting names
+# (`CalibrationConfig.with_flat`). The shipped predictors' backbone learned with them, through the calibration graph.
+SHIPPED = CalibrationConfig(
+    budget=0.6, predictor=PredictorConfig(hidden=HIDDEN, coverage=COVERAGE),
+    optim=Optimization(epochs=1, batch_size=BATCH, lr=LR, max_steps=STEPS, noise=NOISE),
+    loss=LossWeights(logit_distill=LOGIT_DISTILL, token_distill=TOKEN_DISTILL),
+    finetune=FineTune(enabled=True, graph="calibration", backbone_lr=BACKBONE_LR),
+    run=RunOptions(workers=0, device="cpu"),
+)
+
+
+def calibrate_shipped(out: Path, data: Path = FASHION_MNIST_DIR, console: Console | None = None, *, signals: tuple[str, ...] | None = None,
+                      hidden: int | None = None, coverage: float | None = None, steps: int = STEPS, **changes):
+    """The recipe's calibration written to `out`; `changes` are flat settings (`finetune=False`, `noise=1.0`, ...) and
+    `signals`/`hidden`/`coverage` change the predictor."""
     # Under torchrun the global batch stays BATCH, shared among the processes, so that the recipe is the same run.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if BATCH % world_size:
         raise SystemExit(f"error: the recipe's batch of {BATCH} does not split among {world_size} processes")
+    predictor = SHIPPED.predictor
+    predictor = replace(predictor, **{k: v for k, v in (("signals", signals), ("hidden", hidden), ("coverage", coverage)) if v is not None})
+    if not changes.get("finetune", True):
+        changes.setdefault("finetune_graph", None)  # a frozen backbone takes no fine-tune graph
+    config = SHIPPED.with_flat(predictor=predictor, out=out, max_steps=steps, batch_size=BATCH // world_size, **changes)
     model, _ = load_shipped_model()
     train, val = training_datasets(data, 5000)
     out.parent.mkdir(parents=True, exist_ok=True)
     epochs = -(-steps // (len(train) // (BATCH * world_size)))  # enough passes for `steps` full global batches
-    return calibrate(model, train, val, budget, epochs=epochs, max_steps=steps, batch_size=BATCH // world_size,
-                     predictor=PredictorConfig(hidden=hidden, signals=signals, coverage=coverage),
-                     out=out, console=console, noise=noise, lr=lr, finetune=finetune, backbone_lr=backbone_lr,
-                     token_distill=token_distill, logit_distill=logit_distill, seed=seed, workers=workers, device=device,
-                     precision=precision,
-                     finetune_graph="calibration" if finetune else None)  # the shipped predictors' backbone learned with them
+    return calibrate(model, train, val, config.with_flat(epochs=epochs), console=console)
 
 
 def main() -> None:
@@ -78,7 +90,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=SHIPPED_PREDICTORS)
     ap.add_argument("--signals", default=",".join(SIGNALS))
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="width of the predictor MLP")
-    ap.add_argument("--budget", type=float, default=0.6)
+    ap.add_argument("--budget", type=float, default=SHIPPED.budget)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--noise", type=float, default=NOISE, help="scale of the Gumbel exploration noise")
@@ -94,12 +106,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="data loader processes per training process (0: none, the "
                     "measured best on CPUs)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda (the GPU of each process's local rank) or auto")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    args = ap.parse_args()
-    calibrate_shipped(args.out, tuple(args.signals.split(",")), args.hidden, args.budget, args.steps, args.data, noise=args.noise, lr=args.lr,
-                      finetune=args.finetune, backbone_lr=args.backbone_lr, token_distill=args.token_distill, seed=args.seed,
-                      logit_distill=args.logit_distill, coverage=args.coverage, workers=args.workers, device=args.device,
-                      precision=args.precision)
+    ap.add_argument("--precision", choices=PRECISIONS, default=SHIPPED.run.precision)
+    args = vars(ap.parse_args())
+    calibrate_shipped(args.pop("out"), args.pop("data"), signals=tuple(args.pop("signals").split(",")), hidden=args.pop("hidden"),
+                      coverage=args.pop("coverage"), steps=args.pop("steps"), **args)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import struct
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spot_compile.data import FASHION_MNIST_DIR, load_idx_split  # noqa: E402
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
 
 CANVAS, GARMENT, CROP = 56, 28, 8
 DISTRACTORS = (6, 8)  # inclusive range per canvas
@@ -71,7 +70,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 def build(source: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        data = load_idx_split(source, split)
+        data = load_dataset(source, split)
         images = (data.images * 255).round().to(torch.uint8)
         canvases, boxes = make_cluttered(images, SEEDS[split])
         _write_idx(out / f"{PREFIX[split]}-images-idx3-ubyte.gz", canvases[:, 0].numpy())

@@ -3,6 +3,6 @@
     spot-compile calibrate recipes/shipped_model.py --data /usr/share/datasets/fashion-mnist --budget 0.6 --out p.pt
 """
 
-from spot_compile.zoo import load_shipped_model
+from spot_compile.models.zoo import load_shipped_model
 
 model, _metrics = load_shipped_model()

@@ -9,14 +9,17 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture, clone_graph_module, device_of, dtype_of, example_input, noise_images
-from .config import SparsifyConfig
-from .errors import BudgetError, InputSizeError, StructureError, first_line
-from .flops import count_flops
-from .passes.find_blocks import ModelStructure, find_blocks
-from .plan import SparsityPlan, Stage, build_sparse, schedule_cost, solve_keep
-from .policies import GivenScorers, TokenPolicy, policy_class
-from .timing import median_pair
+from spot_compile.config import SparsifyConfig
+from spot_compile.errors import BudgetError, InputSizeError, StructureError, first_line
+from spot_compile.graph.blocks import ModelStructure, find_blocks
+from spot_compile.graph.capture import capture, clone_graph_module
+from spot_compile.graph.inputs import device_of, dtype_of, example_input, noise_images
+from spot_compile.measure.flops import count_flops
+from spot_compile.measure.timing import median_pair
+from spot_compile.planning.budget import schedule_cost, solve_keep
+from spot_compile.planning.build import build_sparse
+from spot_compile.planning.plan import SparsityPlan, Stage
+from spot_compile.policies import GivenScorers, TokenPolicy, policy_class
 
 logger = logging.getLogger("spot_compile")
 
@@ -158,8 +161,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
                            else policy_class(config.policy)(config, model, structure))
     stages = config.stages or policy.fixed_stages or policy.default_stages(depth)
     for s in stages:
-        if not 1 <= s < depth:
-            raise BudgetError(f"stage {s} is out of range: the model has {depth} blocks, so stages must be in 1..{depth - 1}")
+        structure.check_stage(s, BudgetError)
     one = example[:1]
     dense_flops = count_flops(captured, one)
     patch_tokens = structure.tokens - structure.num_special

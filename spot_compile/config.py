@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import BudgetError, InputSizeError
-from .policies import policy_class, policy_names
+from spot_compile.errors import BudgetError, InputSizeError
+from spot_compile.policies import policy_class, policy_names
 
-# The best training-free policy measured on the shipped model (docs/results/policies.md: merging stays within 0.3
+# The best training-free policy measured on the shipped model (docs/results/policies/policies.md: merging stays within 0.3
 # points of dense down to FLOPs 0.5, class attention loses 8.6 points at 0.6).
 DEFAULT_POLICY = "merge"
 

@@ -34,7 +34,8 @@ def images():
 def calibration_and_pruned_graphs(model, stages, keep, predictors, mask_gradient=None):
     """(calibration graph in eval mode, its SoftKeep modules, the pruned inference graph) for the same predictors."""
     import spot_compile as sc
-    from spot_compile.capture import capture, example_input
+    from spot_compile.graph.capture import capture
+    from spot_compile.graph.inputs import example_input
     from spot_compile.passes.soft_pruning import MASK_GRADIENTS, build_calibration_graph
 
     mask_gradient = mask_gradient or MASK_GRADIENTS[0]

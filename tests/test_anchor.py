@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import spot_compile as sc
-from spot_compile.calibration import calibrate
-from spot_compile.capture import capture, example_input
-from spot_compile.data import ImageSet
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.predictors import PredictorCheckpoint, PredictorConfig, load_predictor_checkpoint, make_predictors, save_predictors
-from spot_compile.visualize import kept_patches
+from spot_compile.calibration.trainer import calibrate
+from spot_compile.cli.visualize import kept_patches
+from spot_compile.data.imageset import ImageSet
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.scorers.spot import PredictorConfig, make_predictors
+from spot_compile.serialization.predictors import PredictorCheckpoint, load_predictor_checkpoint, save_predictors
 
 from .conftest import calibration_and_pruned_graphs, small_vit
 
@@ -67,9 +69,9 @@ def test_an_anchor_without_the_interaction_signal_is_refused():
 def test_detached_scorer_inputs_stop_the_scores_gradient_reaching_the_backbone(from_scores, monkeypatch):
     # Only the keep-ratio loss trains (no labels, no teacher): its gradient reaches the backbone through the
     # predictors' inputs alone, so a detached calibration moves the backbone by AdamW's weight decay alone.
-    import spot_compile.calibration as calibration
+    from spot_compile.calibration import losses
 
-    monkeypatch.setattr(calibration.F, "cross_entropy", lambda logits, y: logits.sum() * 0)
+    monkeypatch.setattr(losses.F, "cross_entropy", lambda logits, y: logits.sum() * 0)
     model = small_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 import spot_compile as sc
-from spot_compile.cli import main
+from spot_compile.cli.main import main
+from spot_compile.data.datasets import evaluation_images
+from spot_compile.data.preprocessing import Normalization, Preprocessing, model_normalization, model_preprocessing
 from spot_compile.errors import DataError
-from spot_compile.evaluation import compare
+from spot_compile.measure.accuracy import compare
 from spot_compile.models.vit import ViT
-from spot_compile.preprocessing import Normalization, Preprocessing, model_normalization, model_preprocessing
-from spot_compile.streaming import evaluation_images
 
 from .conftest import small_vit
 
@@ -153,7 +153,7 @@ def test_colour_images_for_a_one_channel_model_are_refused_not_greyed(tmp_path):
 
 
 def test_box_precision_counts_kept_patch_centres_inside_the_box():
-    from spot_compile.evaluation import box_precision
+    from research.boxes import box_precision
 
     side, patch = 4, 4  # a 16x16 image in 4x4 patches; patch centres at 2, 6, 10, 14
     boxes = torch.tensor([[0, 0, 8, 8], [8, 4, 8, 12]])  # the top-left 2x2 patches; the bottom two rows minus column 0

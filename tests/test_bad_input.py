@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import spot_compile as sc
-from spot_compile.cli import main
+from spot_compile.cli.main import main
 from spot_compile.errors import BudgetError, CheckpointError, DataError, InputSizeError, StructureError, UsageError
 from spot_compile.models.vit import ViT
 
@@ -125,7 +125,7 @@ def test_a_malicious_pickle_as_predictors_runs_no_code(tmp_path, model):
 
 
 def test_a_malicious_shipped_model_path_runs_no_code(tmp_path):
-    from spot_compile.zoo import load_shipped_model
+    from spot_compile.models.zoo import load_shipped_model
 
     path, marker = _malicious_file(tmp_path)
     with pytest.raises(CheckpointError):
@@ -178,7 +178,7 @@ def test_apply_budget_one_out_loads_again(tmp_path):
     path = _write(tmp_path, "import torch\ntorch.manual_seed(0)\n" + MODEL_FILE)
     result = CliRunner().invoke(main, ["apply", path, "--budget", "1.0", "--out", str(tmp_path / "d.pt"), "--no-latency"])
     assert result.exit_code == 0, result.output
-    from spot_compile.userfile import load_model_file
+    from spot_compile.cli.userfile import load_model_file
 
     model = load_model_file(path)
     x = torch.randn(2, 1, 16, 16)
@@ -350,8 +350,8 @@ def test_counts_out_of_range_are_usage_errors(tmp_path, args, message):
         "finetune-graph-without-finetune", "detached-inputs-without-a-joint-tune", "negative-keep-ratio-weight", "rank-budget-0",
         "rank-budget-above-1", "rank-budget-a-flag", "budget-above-1", "budget-not-a-number"])
 def test_calibrate_api_refuses_a_run_that_cannot_train(tmp_path, model, monkeypatch, kw, error):
-    from spot_compile import calibration
-    from spot_compile.data import ImageSet
+    from spot_compile.calibration import trainer as calibration
+    from spot_compile.data.imageset import ImageSet
 
     def no_capture(*args, **kwargs):
         raise AssertionError("captured before refusing the run")
@@ -415,7 +415,7 @@ def test_a_malicious_partial_calibration_runs_no_code(tmp_path):
 def test_a_partial_calibration_of_another_run_is_not_resumed(tmp_path):
     import json
 
-    from spot_compile.calibration import PARTIAL_FORMAT
+    from spot_compile.calibration.resume import PARTIAL_FORMAT
 
     out = tmp_path / "p.pt"
     torch.save({"format": PARTIAL_FORMAT, "identity": json.dumps({"budget": 0.3, "stages": [1, 2, 3]})},
@@ -430,14 +430,14 @@ def test_a_partial_calibration_of_another_run_is_not_resumed(tmp_path):
 
 def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
     pytest.importorskip("transformers")
-    from spot_compile.calibration import calibrate
-    from spot_compile.data import ImageSet
+    from spot_compile.calibration.trainer import calibrate
+    from spot_compile.data.imageset import ImageSet
 
     from .model_families import INPUT_SIZE, build
 
     model = build("hf ViTForImageClassification (sdpa)")  # returns an ImageClassifierOutput, not a tensor
     data = ImageSet(torch.rand(16, 3, INPUT_SIZE, INPUT_SIZE), torch.randint(0, 10, (16,)), tuple("0123456789"))
-    from spot_compile.preprocessing import Normalization, Preprocessing
+    from spot_compile.data.preprocessing import Normalization, Preprocessing
 
     # a Hugging Face model keeps its statistics in its image processor: the caller states them
     pre = Preprocessing(Normalization((0.5,) * 3, (0.5,) * 3, "the image processor's"), (INPUT_SIZE, INPUT_SIZE), 3)
@@ -447,8 +447,8 @@ def test_calibrate_reads_the_logits_of_a_hugging_face_model_output():
 
 
 def test_calibrate_refuses_a_model_without_logits_before_the_slow_work(tmp_path):
-    from spot_compile.calibration import calibrate
-    from spot_compile.data import ImageSet
+    from spot_compile.calibration.trainer import calibrate
+    from spot_compile.data.imageset import ImageSet
 
     class NoLogits(ViT):
         def forward(self, x):
@@ -460,8 +460,8 @@ def test_calibrate_refuses_a_model_without_logits_before_the_slow_work(tmp_path)
 
 
 def test_a_class_count_unlike_the_heads_is_one_line(model):
-    from spot_compile.calibration import calibrate
-    from spot_compile.data import ImageSet
+    from spot_compile.calibration.trainer import calibrate
+    from spot_compile.data.imageset import ImageSet
 
     data = ImageSet(torch.rand(16, 1, 16, 16), torch.randint(0, 3, (16,)), ("a", "b", "c"))
     with pytest.raises(DataError, match="the data has 3 classes but the model's head gives 10 logits"):

@@ -5,8 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import spot_compile as sc
 from spot_compile.errors import BudgetError
-from spot_compile.flops import count_flops
-from spot_compile.plan import keep_schedule, schedule_cost, solve_keep
+from spot_compile.measure.flops import count_flops
+from spot_compile.planning.budget import keep_schedule, schedule_cost, solve_keep
 
 from .conftest import small_vit
 

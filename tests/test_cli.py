@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 
 import spot_compile as sc
-from spot_compile.cli import main
+from spot_compile.cli.main import main
 
 MODEL_FILE = """
 from spot_compile.models.vit import ViT
@@ -35,7 +35,7 @@ def test_apply_reports_plan_dump_and_saves(tmp_path):
     assert any("merge_tokens" in line for line in inserted) and any("size_bias" in line for line in inserted)
     assert "+ merge_tokens" in result.output
     # the artifact restores the same graph onto the same model
-    from spot_compile.userfile import load_model_file
+    from spot_compile.cli.userfile import load_model_file
 
     model = load_model_file(path)
     restored = sc.load(out, model)
@@ -141,7 +141,7 @@ def test_apply_exports_a_program_with_the_same_outputs(tmp_path):
     pt2 = tmp_path / "sparse.pt2"
     result = _run("apply", path, "--budget", "0.6", "--export", str(pt2), "--no-latency")
     assert result.exit_code == 0, result.output
-    from spot_compile.userfile import load_model_file
+    from spot_compile.cli.userfile import load_model_file
 
     program = torch.export.load(pt2)
     fresh = sc.sparsify(load_model_file(path), sc.SparsifyConfig(budget=0.6))

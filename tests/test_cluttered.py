@@ -3,14 +3,16 @@
 import torch
 
 from recipes.cluttered_fmnist import CANVAS, GARMENT, make_cluttered
-from spot_compile.data import FASHION_MNIST_DIR, ImageSet, load_idx_split
-from spot_compile.evaluation import box_precision
-from spot_compile.training import accuracy
-from spot_compile.zoo import CLUTTERED_MODEL, load_shipped_model
+from research.boxes import box_precision
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.data.imageset import ImageSet
+from spot_compile.measure.accuracy import accuracy
+from spot_compile.models.zoo import CLUTTERED_MODEL, load_shipped_model
 
 
 def _garments(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_idx_split(FASHION_MNIST_DIR, "test")
+    data = load_dataset(FASHION_MNIST_DIR, "test")
     return (data.images[:n] * 255).round().to(torch.uint8), data.labels[:n]
 
 

@@ -2,9 +2,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC2701 (counts dynamo frames)
 
 import spot_compile as sc
-from spot_compile.capture import capture, example_input
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.predictors import PredictorConfig, make_predictors
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.scorers.spot import PredictorConfig, make_predictors
 
 from .conftest import small_vit
 
@@ -26,7 +27,7 @@ def test_fullgraph_compile_no_recompiles_and_same_outputs():
 
 
 def test_compile_never_hands_back_something_slower_than_eager(monkeypatch, caplog):
-    import spot_compile.api as api
+    from spot_compile import api as api
 
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
     x = torch.randn(2, 1, 16, 16)
@@ -58,7 +59,7 @@ def test_aot_compile_matches_eager_and_keeps_no_package(tmp_path, monkeypatch):
 
 
 def test_compiled_fn_hands_each_benchmark_mode_its_compile_path(monkeypatch):
-    from spot_compile.bench import MODES, compiled_fn
+    from spot_compile.cli.bench import MODES, compiled_fn
 
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
     calls = []
@@ -93,7 +94,7 @@ def test_a_compile_that_fails_inside_torch_falls_back_to_eager(monkeypatch, capl
 
 
 def test_bench_leaves_out_a_mode_that_fails_to_compile(monkeypatch):
-    import spot_compile.bench as bench
+    from spot_compile.cli import bench as bench
 
     def compiled_pair(dense, sparse, mode, example):
         raise RuntimeError(f"{mode} is broken here")
@@ -104,7 +105,7 @@ def test_bench_leaves_out_a_mode_that_fails_to_compile(monkeypatch):
 
 
 def test_bench_hands_over_the_rows_after_each_budget_and_batch():
-    import spot_compile.bench as bench
+    from spot_compile.cli import bench as bench
 
     seen = []
     rows = bench.run_bench(small_vit(), [1.0, 0.6], [2], ("eager",), warmup=1, repeats=2, on_rows=seen.append)

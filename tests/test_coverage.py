@@ -3,11 +3,13 @@ import torch
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.capture import capture, example_input
-from spot_compile.coverage import coverage_prior, farthest_point_rank
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.predictors import PredictorCheckpoint, PredictorConfig, load_predictor_checkpoint, make_predictors, save_predictors
-from spot_compile.visualize import kept_patches
+from spot_compile.cli.visualize import kept_patches
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.scorers.coverage_prior import coverage_prior, farthest_point_rank
+from spot_compile.scorers.spot import PredictorConfig, make_predictors
+from spot_compile.serialization.predictors import PredictorCheckpoint, load_predictor_checkpoint, save_predictors
 
 from .conftest import calibration_and_pruned_graphs, small_vit
 from .reference import eager_pruned

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import spot_compile as sc
-from spot_compile.data import load_dataset, read_idx
+from spot_compile.data.datasets import load_dataset
+from spot_compile.data.idx import read_idx
 from spot_compile.errors import CheckpointError, DataError
 
 from .conftest import small_vit
@@ -45,7 +46,7 @@ def test_missing_and_corrupt_data(tmp_path):
     with pytest.raises(DataError, match="neither an IDX directory"):
         load_dataset(tmp_path / "empty", "test")
     (tmp_path / "tree" / "cat").mkdir(parents=True)
-    with pytest.raises(DataError, match="is an ImageFolder tree; .* read a tree with spot_compile.streaming"):
+    with pytest.raises(DataError, match="is an ImageFolder tree; .* read a tree with spot_compile.data.datasets"):
         load_dataset(tmp_path / "tree", "test")
     d = _idx_dir(tmp_path / "d") if (tmp_path / "d").mkdir() is None else None
     raw = gzip.open(d / "t10k-images-idx3-ubyte.gz").read()
@@ -75,3 +76,25 @@ def test_input_of_the_wrong_size_is_refused_at_call_time():
     sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.6))
     with pytest.raises(sc.errors.InputSizeError, match="does not match"):
         sparse(torch.randn(1, 1, 20, 20))
+
+
+def test_stored_configs_carry_their_version_and_old_unversioned_ones_still_read(tmp_path):
+    import json
+
+    from spot_compile.scorers.spot import PredictorConfig
+    from spot_compile.serialization.configs import config_from_dict, config_to_dict
+
+    config = sc.SparsifyConfig(budget=0.5, stages=(1, 2), keep=(40, 20), policy="class-attention")
+    stored = json.loads(json.dumps(config_to_dict(config)))
+    assert stored["_type"] == "SparsifyConfig" and stored["_version"] == 1
+    assert config_from_dict(stored, sc.SparsifyConfig, "f") == config
+    unversioned = {k: v for k, v in stored.items() if not k.startswith("_")}  # as files before versions stored it
+    assert config_from_dict(unversioned, sc.SparsifyConfig, "f") == config
+    # the shipped predictors' record: no version, no anchor (off for them)
+    assert config_from_dict({"hidden": 16, "signals": ["embedding"], "coverage": 2.0}, PredictorConfig, "f") == \
+        PredictorConfig(hidden=16, signals=("embedding",), coverage=2.0)
+    for bad, message in (({**stored, "_version": 99}, "version 99; this release reads versions 1 to 1"),
+                         ({**stored, "sharpness": 2}, "settings this release does not know (sharpness)"),
+                         ({**stored, "_type": "PredictorConfig"}, "holds a PredictorConfig where a SparsifyConfig belongs")):
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            config_from_dict(bad, sc.SparsifyConfig, "f")

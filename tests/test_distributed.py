@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spot_compile.predictors import load_predictor_metrics
+from spot_compile.serialization.predictors import load_predictor_metrics
 
 MODEL = ("import torch\nfrom spot_compile.models.vit import ViT\ntorch.manual_seed(0)\n"
          "model = ViT(img_size=16, patch_size=2, dim=32, depth=4, heads=2, num_classes=2)\n")
@@ -60,7 +60,7 @@ def test_more_processes_than_the_data_can_feed_are_refused_in_one_line(tmp_path)
 def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path):
     from click.testing import CliRunner
 
-    from spot_compile.cli import main
+    from spot_compile.cli.main import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -69,8 +69,8 @@ def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path):
 
 
 def test_bf16_calibration_runs_and_records_its_precision(tmp_path):
-    from spot_compile.calibration import calibrate
-    from spot_compile.data import ImageSet
+    from spot_compile.calibration.trainer import calibrate
+    from spot_compile.data.imageset import ImageSet
 
     from .conftest import small_vit
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from benchmarks.fair_policies import EvaluationCache
+from research.fair_policies import EvaluationCache
 
 
 def _checkpoint(tmp_path, content: bytes, mtime_ns: int):

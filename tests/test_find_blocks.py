@@ -2,10 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from spot_compile.capture import capture, example_input
 from spot_compile.errors import StructureError
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.passes.graph_query import SDPA_OPS, SOFTMAX_OPS
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.graph.query import SDPA_OPS, SOFTMAX_OPS
 
 
 def test_finds_every_block_with_its_parts(variant):

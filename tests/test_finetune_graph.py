@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import spot_compile as sc
-import spot_compile.calibration as calibration
-from spot_compile.data import ImageSet
+from spot_compile.calibration import trainer as calibration
+from spot_compile.data.imageset import ImageSet
 from spot_compile.errors import UsageError
 
 from .conftest import small_vit

@@ -9,8 +9,10 @@ from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC2701 (co
 
 import spot_compile as sc
 from spot_compile.errors import BudgetError, StructureError
+from spot_compile.ops.merging import merge_tokens, size_bias
+from spot_compile.passes.insert_merging import BIAS_TAG, SIZES_TAG
 from spot_compile.policies import DropPolicy, policy_names, register, registry
-from spot_compile.policies.merge import BIAS_TAG, SIZES_TAG, MergePolicy, merge_tokens, size_bias
+from spot_compile.policies.merge import MergePolicy
 
 from .conftest import VARIANTS, small_vit
 from .model_families import FAMILIES, INPUT_SIZE, build, logits
@@ -178,7 +180,7 @@ def test_a_policy_is_one_class_in_the_registry(monkeypatch):
     model = small_vit()
     sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="first-tokens"))
     assert 0.58 <= sparse.plan.flops_ratio <= 0.6
-    from spot_compile.visualize import kept_patches
+    from spot_compile.cli.visualize import kept_patches
 
     maps = kept_patches(sparse, torch.randn(2, 1, 16, 16))
     for stage, alive in zip(sparse.plan.stages, maps):

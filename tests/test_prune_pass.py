@@ -2,20 +2,22 @@ import pytest
 import torch
 
 from spot_compile import ops
-from spot_compile.capture import capture, example_input
 from spot_compile.errors import StructureError
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.passes.insert_pruning import SPOT_TAG, insert_pruning
-from spot_compile.passes.pipeline import FunctionPass
-from spot_compile.plan import build_sparse
-from spot_compile.scorers import ClassAttentionScorer
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.passes.emit import SPOT_TAG
+from spot_compile.passes.insert_pruning import insert_pruning
+from spot_compile.passes.pipeline import StagePass
+from spot_compile.planning.build import build_sparse
+from spot_compile.scorers.training_free import ClassAttentionScorer
 
 from .reference import eager_pruned
 
 
 def _class_attention_pruning(structure):
     def stage_pass(st, block, keep):
-        return FunctionPass(lambda gm: insert_pruning(gm, st, block, keep, ClassAttentionScorer(structure.has_class_token)), "prune")
+        return StagePass(lambda gm: insert_pruning(gm, st, block, keep, ClassAttentionScorer(structure.has_class_token)), st, block, "prune")
 
     return stage_pass
 
@@ -85,7 +87,7 @@ def test_stage_out_of_range_is_refused():
 
 def test_kept_token_maps_follow_the_stages():
     import spot_compile as sc
-    from spot_compile.visualize import kept_patches
+    from spot_compile.cli.visualize import kept_patches
 
     from .conftest import small_vit
 

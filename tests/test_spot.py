@@ -3,15 +3,17 @@ import torch
 
 import spot_compile as sc
 from spot_compile import ops
-from spot_compile.calibration import calibrate, token_loss
-from spot_compile.capture import capture, example_input
-from spot_compile.data import ImageSet
+from spot_compile.calibration.losses import token_loss
+from spot_compile.calibration.trainer import calibrate
+from spot_compile.data.imageset import ImageSet
 from spot_compile.errors import CheckpointError
-from spot_compile.flops import count_flops
-from spot_compile.passes.find_blocks import find_blocks
-from spot_compile.passes.insert_pruning import SPOT_TAG
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import capture
+from spot_compile.graph.inputs import example_input
+from spot_compile.measure.flops import count_flops
+from spot_compile.passes.emit import SPOT_TAG
 from spot_compile.passes.soft_pruning import MASK_GRADIENTS, SoftKeep, build_calibration_graph, kept_positions, tap_final_tokens
-from spot_compile.predictors import PredictorConfig, SpotPredictor, make_predictors
+from spot_compile.scorers.spot import PredictorConfig, SpotPredictor, make_predictors
 
 from .conftest import calibration_and_pruned_graphs, small_vit
 
@@ -315,7 +317,7 @@ def test_calibration_smoke_lowers_the_loss_and_round_trips(tmp_path, overrides):
 
 @pytest.mark.parametrize("logit_distill", [0.5, 0.0], ids=["distilled", "no-teacher"])
 def test_finetune_tunes_the_backbone_and_the_checkpoint_carries_it(tmp_path, monkeypatch, logit_distill):
-    import spot_compile.calibration as calibration
+    from spot_compile.calibration import trainer as calibration
 
     captures = []
     monkeypatch.setattr(calibration, "capture", lambda *a: captures.append(a) or capture(*a))

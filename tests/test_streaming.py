@@ -6,20 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from spot_compile.data import FASHION_MNIST_DIR
+from spot_compile.data.datasets import training_datasets
+from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+from spot_compile.data.idx import IdxImages
+from spot_compile.data.loading import Prepared, SeededSampler, loader, reraised
+from spot_compile.data.preprocessing import Normalization, Preprocessing, model_preprocessing
+from spot_compile.data.transforms import EvalTransform, TrainTransform, draws
 from spot_compile.errors import DataError
-from spot_compile.preprocessing import Normalization, Preprocessing, model_preprocessing
-from spot_compile.streaming import (
-    EvalTransform,
-    IdxImages,
-    Prepared,
-    SeededSampler,
-    TrainTransform,
-    draws,
-    loader,
-    reraised,
-    training_datasets,
-)
 
 from .conftest import small_vit
 
@@ -38,13 +31,14 @@ def _folder(root, classes=("a", "b"), n=6, size=20, mode="L"):
 
 
 def test_idx_images_stream_the_raw_bytes_and_split_as_the_in_memory_loader():
-    from spot_compile.data import load_dataset, train_val_split
+    from spot_compile.data.datasets import load_dataset
+    from spot_compile.data.imageset import split
 
     train, val = training_datasets(FASHION_MNIST_DIR, 5000)
     base = train.dataset
     assert isinstance(base, IdxImages) and base.images.dtype == np.uint8, "held as bytes, not as decoded floats"
     assert len(train) == 55000 and len(val) == 5000 and base.classes[0] == "T-shirt/top"
-    old_train, old_val = train_val_split(load_dataset(FASHION_MNIST_DIR, "train"), 5000)
+    old_train, old_val = split(load_dataset(FASHION_MNIST_DIR, "train"), 5000)
     for i in (0, 1234, 4999):  # the same split as the in-memory path: results stay comparable
         image, label = val[i]
         assert torch.equal(image.float() / 255, old_val.images[i, 0]) and label == int(old_val.labels[i])
@@ -203,7 +197,7 @@ def test_model_preprocessing_reads_timms_pretrained_cfg_and_the_overrides():
 def test_crop_box_draws_as_torchvisions_random_resized_crop():
     from torchvision.transforms import RandomResizedCrop
 
-    from spot_compile.streaming import crop_box
+    from spot_compile.data.transforms import crop_box
 
     for seed, (h, w) in enumerate([(40, 56), (224, 224), (10, 1000)]):  # no crop of the last fits: the centre fallback
         torch.manual_seed(seed)  # torchvision draws from the global generator, crop_box from its own: the same stream

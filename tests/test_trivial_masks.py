@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from spot_compile.capture import capture
-from spot_compile.passes.graph_query import SDPA_OPS
+from spot_compile.graph.capture import capture
+from spot_compile.graph.query import SDPA_OPS
 
 
 class MaskedAttention(nn.Module):

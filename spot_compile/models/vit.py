@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import FMNIST_MEAN, FMNIST_STD
+from spot_compile.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
 
 
 @dataclass(frozen=True)

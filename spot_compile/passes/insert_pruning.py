@@ -1,6 +1,7 @@
 """Pass: splice a token scorer and a static-k pruning op in front of a block.
 
-Matches: the residual stream node entering block `j` (from `find_blocks`).
+Matches: the residual stream node entering block `j` (from `graph.blocks`; `passes.pipeline.StagePass` refuses a j the
+model does not have, or 0, before the pass runs).
 Emits, right after that node (taps and positions through `passes.taps`, shared with calibration):
   * attention taps on the preceding `scorer.history` blocks (`ops.class_attention_qk`, `ops.attention_received`,
     `ops.interaction_descriptor`, ... depending on `scorer.attention`). Class attention and SPOT's descriptor read
@@ -24,13 +25,12 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from .. import ops
-from ..errors import StructureError
-from .find_blocks import ModelStructure
-from .propagate_tokens import TokenPropagation, fake_execute
-from .taps import attention_tap, follow, grid_positions
-
-SPOT_TAG = "spot_compile"  # node.meta key marking inserted nodes (used by --dump)
+from spot_compile import ops
+from spot_compile.errors import StructureError
+from spot_compile.graph.blocks import ModelStructure
+from spot_compile.passes.emit import Emitter
+from spot_compile.passes.propagate_tokens import TokenPropagation
+from spot_compile.passes.taps import attention_tap, follow, grid_positions
 
 
 def insert_pruning(
@@ -43,9 +43,6 @@ def insert_pruning(
     selection on another per-token tensor (B, N, ...) and returns the selected node: a policy that keeps other
     per-token values beside the stream (merging's token sizes) makes them follow the prune there."""
     blocks = structure.blocks
-    if not 1 <= before_block < len(blocks):
-        raise StructureError(f"stage at block {before_block} is out of range: the model has blocks 0..{len(blocks) - 1}, "
-                             f"stages must be 1..{len(blocks) - 1}")
     stream = blocks[before_block].input
     tokens_in = int(stream.meta["val"].shape[1])
     patch_tokens = tokens_in - structure.num_special
@@ -75,21 +72,3 @@ def insert_pruning(
         carry(lambda node: emitter(ops.prune_tokens, node, *pruned.args[1:]))
     TokenPropagation(gm, stream, {tokens_in: structure.num_special + keep + int(fuse)}, f"block {before_block}").run()
     return pruned
-
-
-class Emitter:
-    """Inserts nodes in order before `anchor`, tags them for --dump and gives them shape metadata."""
-
-    def __init__(self, gm: GraphModule, anchor: Node, tag: str) -> None:
-        self.gm, self.anchor, self.tag, self.nodes = gm, anchor, tag, []
-
-    def __call__(self, target, *args, op: str = "call_function", before: Node | None = None, **kwargs) -> Node:
-        graph = self.gm.graph
-        with graph.inserting_before(before or self.anchor):
-            node = graph.call_module(target, args, kwargs) if op == "call_module" else graph.call_function(target, args, kwargs)
-        node.meta[SPOT_TAG] = self.tag
-        if before is None:  # nodes at the anchor get their shapes from the propagation that follows
-            self.nodes.append(node)
-        else:
-            node.meta["val"] = fake_execute(self.gm, node)
-        return node

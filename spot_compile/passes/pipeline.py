@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["FunctionPass", "PassBase", "PassResult", "run_passes"]
+__all__ = ["FunctionPass", "PassBase", "PassResult", "StagePass", "run_passes"]
 
 
 class FunctionPass(PassBase):
@@ -33,6 +33,18 @@ class FunctionPass(PassBase):
 
     def __repr__(self) -> str:
         return f"FunctionPass({self.name})"
+
+
+class StagePass(FunctionPass):
+    """A token reduction in front of block `before_block` (`fn(gm)` rewrites in place); `requires` refuses a block the
+    model does not have or the first one, once for every policy's pass."""
+
+    def __init__(self, fn: Callable[[GraphModule], object], structure, before_block: int, name: str) -> None:
+        super().__init__(fn, name)
+        self.structure, self.before_block = structure, before_block
+
+    def requires(self, graph_module: GraphModule) -> None:
+        self.structure.check_stage(self.before_block)
 
 
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, keep_calls: bool = True) -> PassResult:

@@ -18,7 +18,7 @@ from torch._guards import detect_fake_mode  # noqa: PLC2701
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..errors import StructureError
+from spot_compile.errors import StructureError
 
 aten = torch.ops.aten
 VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -28,7 +28,7 @@ EXPAND_OPS = {aten.expand.default}
 def fake_mode_of(gm: GraphModule):
     mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
     if mode is None:
-        raise StructureError("the captured graph carries no shape metadata; capture it with spot_compile.capture")
+        raise StructureError("the captured graph carries no shape metadata; capture it with spot_compile.graph.capture")
     return mode
 
 

@@ -24,16 +24,11 @@ With a binary mask the output equals the pruned graph's, in every mode (tested).
 
 Why the gather: with it ("block"), a score's only gradient is the key mask of the stage's block: what a token is
 worth downstream, where the gather removes it, never reaches the predictor, and at high keep ratios, where the top-k
-boundary lies in the background, that one block's estimate is noise (docs/spot.md). "downstream" adds the gradient
-of every later block for the kept tokens' residual streams, at the cost of one multiply per stage; a dropped token
-still learns only from the stage's block. "full" gives dropped tokens every later block's gradient too, at the cost
-of computing them there. Measured (benchmarks/mask_gradient.py, docs/spot.md; selection alone, 150 steps):
-calibrated at 0.6, 64.03 % with "downstream", 61.45 % with "block", 61.99 % with "full"; calibrated at 0.4, 63.77,
-64.05 and 60.69 %. At the full 429 steps only "block" calibrated at 0.4 holds (63.75 %; "downstream" falls to
-59.27 %, and both fall at 0.6, to 58.31 and 51.28 %), which is why "block" is the default. Withdrawn after
-measuring (docs/spot.md): masking later blocks' keys for the kept tokens alone ("keys", commit b9c4e0b; 55.83 % at
-0.4), and cutting the dropped tokens' gradient ("kept"; validation 37.64 % at 0.4, the training loss rising from the
-first steps).
+boundary lies in the background, that one block's estimate is noise. "downstream" adds the gradient of every later
+block for the kept tokens' residual streams, at the cost of one multiply per stage; a dropped token still learns only
+from the stage's block. "full" gives dropped tokens every later block's gradient too, at the cost of computing them
+there. "block" is the default because it alone held up over a full-length calibration; the measurements, and the
+variants withdrawn after measuring, are in docs/research/mask_gradient.md.
 """
 
 from __future__ import annotations
@@ -45,13 +40,13 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .. import ops
-from ..capture import clone_graph_module
-from .find_blocks import find_blocks
-from .insert_pruning import SPOT_TAG
-from .pipeline import run_passes
-from .propagate_tokens import TokenPropagation, fake_execute
-from .taps import attention_tap, follow, grid_positions
+from spot_compile import ops
+from spot_compile.graph.blocks import find_blocks
+from spot_compile.graph.capture import clone_graph_module
+from spot_compile.passes.emit import SPOT_TAG
+from spot_compile.passes.pipeline import run_passes
+from spot_compile.passes.propagate_tokens import TokenPropagation, fake_execute
+from spot_compile.passes.taps import attention_tap, follow, grid_positions
 
 
 class SoftKeep(nn.Module):

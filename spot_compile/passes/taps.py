@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from .. import ops
-from .find_blocks import Block, ModelStructure
+from spot_compile import ops
+from spot_compile.graph.blocks import Block, ModelStructure
 
 Emit = Callable[..., Node]  # emit(target, *args, op="call_function", before=None, **kwargs) -> Node
 Selection = tuple

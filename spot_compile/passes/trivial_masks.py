@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .graph_query import ADD_OPS, SDPA_OPS
+from spot_compile.graph.query import ADD_OPS, SDPA_OPS
 
 aten = torch.ops.aten
 

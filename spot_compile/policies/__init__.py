@@ -9,11 +9,11 @@ CLI too. Nothing else needs to change.
 import logging
 from importlib.metadata import entry_points
 
-from . import class_attention, merge, random_tokens, spot  # noqa: F401 (each registers its policy)
-from .base import DropPolicy, GivenScorers, TokenPolicy, default_stages
-from .registry import policy_class, policy_help, policy_names, register
+from spot_compile.policies import class_attention, merge, random_tokens, spot  # noqa: F401 (each registers its policy)
+from spot_compile.policies.base import DropPolicy, GivenScorers, TokenPolicy, default_stages
+from spot_compile.policies.registry import policy_class, policy_help, policy_names, register, stages_help
 
-__all__ = ["DropPolicy", "GivenScorers", "TokenPolicy", "default_stages", "policy_class", "policy_help", "policy_names", "register"]
+__all__ = ["DropPolicy", "GivenScorers", "TokenPolicy", "default_stages", "policy_class", "policy_help", "policy_names", "register", "stages_help"]
 
 
 def _load_plugins() -> None:

@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..passes.find_blocks import ModelStructure
-from ..passes.insert_pruning import insert_pruning
-from ..passes.pipeline import FunctionPass, PassBase
-from ..plan import keep_schedule
+from spot_compile.graph.blocks import ModelStructure
+from spot_compile.passes.insert_pruning import insert_pruning
+from spot_compile.passes.pipeline import PassBase, StagePass
+from spot_compile.planning.budget import keep_schedule
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
@@ -34,7 +34,8 @@ class TokenPolicy(ABC):
       reduction: "drop" (tokens are discarded, or fused into one with `fuse_pruned`) or "merge" (tokens are
         averaged into their most similar partners: nothing is discarded);
       calibrated: whether the policy needs trained weights (`SparsifyConfig.predictors`);
-      fusable: whether `fuse_pruned` applies.
+      fusable: whether `fuse_pruned` applies;
+      stages_text: its default stages in words (for `--stages`' help).
     """
 
     name: ClassVar[str]
@@ -42,6 +43,8 @@ class TokenPolicy(ABC):
     reduction: ClassVar[Literal["drop", "merge"]]
     calibrated: ClassVar[bool] = False
     fusable: ClassVar[bool] = False
+    # `default_stages` in words, for `--stages`' help
+    stages_text: ClassVar[str] = "the blocks at 1/4, 1/2 and 3/4 of the depth"
 
     def __init__(self, config: Any, model: nn.Module, structure: ModelStructure) -> None:
         """`config` is the `SparsifyConfig`; `structure` the captured dense model's blocks."""
@@ -77,7 +80,7 @@ class TokenPolicy(ABC):
 
     def stage_pass(self, structure: ModelStructure, before_block: int, keep: int) -> PassBase:
         """`reduce` at one stage, behind the pass contract of `passes.pipeline`."""
-        return FunctionPass(lambda gm: self.reduce(gm, structure, before_block, keep), f"{self.name}@{before_block}")
+        return StagePass(lambda gm: self.reduce(gm, structure, before_block, keep), structure, before_block, f"{self.name}@{before_block}")
 
 
 class DropPolicy(TokenPolicy):

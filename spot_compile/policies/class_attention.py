@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..scorers import ClassAttentionScorer
-from .base import DropPolicy
-from .registry import register
+from spot_compile.policies.base import DropPolicy
+from spot_compile.policies.registry import register
+from spot_compile.scorers.training_free import ClassAttentionScorer
 
 
 @register

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import TokenPolicy
+from spot_compile.policies.base import TokenPolicy
 
 _POLICIES: dict[str, type[TokenPolicy]] = {}
 
@@ -28,3 +28,8 @@ def policy_names() -> tuple[str, ...]:
 def policy_help() -> str:
     """One line per policy, for `--help`."""
     return "; ".join(f"{name}: {cls.summary}" for name, cls in _POLICIES.items())
+
+
+def stages_help() -> str:
+    """Each policy's default stages, for `--stages`' help."""
+    return "; ".join(f"{name}: {cls.stages_text}" for name, cls in _POLICIES.items())

@@ -6,12 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from ..capture import device_of, dtype_of
-from ..errors import BudgetError
-from ..passes.find_blocks import ModelStructure
-from ..predictors import load_predictor_checkpoint, with_tuned_backbone
-from .base import DropPolicy
-from .registry import register
+from spot_compile.errors import BudgetError
+from spot_compile.graph.blocks import ModelStructure
+from spot_compile.graph.inputs import device_of, dtype_of
+from spot_compile.policies.base import DropPolicy
+from spot_compile.policies.registry import register
+from spot_compile.serialization.predictors import load_predictor_checkpoint, with_tuned_backbone
 
 
 @register

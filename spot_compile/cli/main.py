@@ -1,0 +1,348 @@
+"""`spot-compile`: a thin command line over the Python API.
+
+Commands that take MODEL_FILE run that Python file to build the model: only use files you trust.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from spot_compile.calibration.config import FINETUNE_GRAPHS, PRECISIONS, CalibrationConfig
+from spot_compile.config import DEFAULT_POLICY
+from spot_compile.data.preprocessing import AUGMENTATIONS
+from spot_compile.errors import SpotError
+from spot_compile.passes.soft_pruning import MASK_GRADIENTS
+from spot_compile.policies import policy_class, policy_help, policy_names, stages_help
+
+console = Console()
+err_console = Console(stderr=True)
+
+_FILE_HELP = (
+    "MODEL_FILE is a Python file that is executed to build the model (only run files you trust). It must define "
+    "a module-level `model`, or exactly one nn.Module instance or nn.Module subclass, or name one with --model / "
+    "--factory."
+)
+
+
+# The calibration defaults, read by calibrate's options: the CLI and the API default alike.
+DEFAULTS = CalibrationConfig()
+
+policy_option = click.option(
+    "--policy", type=click.Choice(policy_names()), default=None,
+    help=f"How tokens are reduced (default: spot with --predictors, else {DEFAULT_POLICY}). {policy_help()}.")
+
+
+class SpotGroup(click.Group):
+    """Turns SpotError into a one-line message and exit code 2; --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpotError as e:
+            if ctx.params.get("debug"):
+                raise
+            rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it; rank 0 unmarked
+            err_console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {e}", highlight=False, soft_wrap=True)
+            ctx.exit(2)
+
+
+@click.group(cls=SpotGroup, help="Token reduction for Vision Transformers as a compiler pass, to a FLOPs budget: merging (the "
+             "default), SPOT's learned pruning, class-attention and random pruning.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug: bool) -> None:
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def _stages(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of block indices, e.g. 3,6,9") from None
+
+
+def normalization_options(f):
+    f = click.option("--std", default=None, help="Per-channel std of the model's input normalisation, e.g. 0.229,0.224,0.225 "
+                     "(default: what the model declares; give with --mean).")(f)
+    return click.option("--mean", default=None, help="Per-channel mean of the model's input normalisation, e.g. "
+                        "0.485,0.456,0.406 (default: what the model declares, timm's pretrained_cfg).")(f)
+
+
+def model_options(f):
+    f = click.option("--input-size", type=int, default=None, help="Image side; default: what the model declares.")(f)
+    f = click.option("--factory", default=None, help="Function in MODEL_FILE that returns the model.")(f)
+    f = click.option("--model", "model_name", default=None, help="Name of the model object or class in MODEL_FILE.")(f)
+    return click.argument("model_file", type=click.Path(path_type=Path))(f)
+
+
+def _load(model_file: Path, model_name, factory) -> torch.nn.Module:
+    from spot_compile.cli.userfile import load_model_file
+
+    return load_model_file(model_file, model_name, factory)
+
+
+@main.command(help=f"Find the attention blocks of a model without rewriting it. {_FILE_HELP}")
+@model_options
+def inspect(model_file, model_name, factory, input_size) -> None:
+    from spot_compile.cli.report import blocks_table
+    from spot_compile.graph.blocks import find_blocks
+    from spot_compile.graph.capture import capture
+    from spot_compile.graph.inputs import example_input
+
+    model = _load(model_file, model_name, factory)
+    structure = find_blocks(capture(model, example_input(model, input_size)))
+    console.print(blocks_table(structure))
+
+
+@main.command(help=f"Sparsify a model to a FLOPs budget and report the plan. {_FILE_HELP}")
+@model_options
+@click.option("--budget", type=float, default=0.6, show_default=True, help="Sparse FLOPs as a fraction of dense, in (0, 1].")
+@click.option("--stages", default=None, help=f"Block indices to reduce tokens in front of, e.g. 3,6,9 (default, by policy: {stages_help()}).")
+@policy_option
+@click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors (spot-compile calibrate).")
+@click.option("--fuse", is_flag=True, help="Fuse dropped tokens into one extra token (EViT-style).")
+@click.option("--dump", is_flag=True, help="Print the rewritten graph, inserted nodes marked with +.")
+@click.option("--dump-file", type=click.Path(path_type=Path), default=None, help="Write the rewritten graph to a file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Save the sparsified model (spot_compile.load).")
+@click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
+              help="Write a self-contained torch.export program (.pt2, weights included; docs/serving.md).")
+@click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Labelled images (ImageFolder tree, its val/ or test/ part if it has one; or an IDX directory's test "
+                   "split): report dense vs sparse top-1 and their top-1 agreement on them.")
+@click.option("--eval-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="With --data: evaluate on a fixed random subset of this many images.")
+@click.option("--token-maps", type=click.Path(path_type=Path), default=None,
+              help="With --data: draw the tokens kept at each stage over 6 of the images (PNG; policies that drop tokens).")
+@normalization_options
+def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
+          export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
+    from spot_compile import SparsifyConfig, save, sparsify
+    from spot_compile.cli.bench import quick_latency
+    from spot_compile.cli.report import dump_graph, plan_table
+    from spot_compile.serialization.files import check_writable_file
+
+    policy = policy or ("spot" if predictors else DEFAULT_POLICY)
+    config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
+                            predictors=str(predictors) if predictors else None)
+    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (token_maps, "--token-maps")):
+        if path is not None:  # before the slow work, so that a typo costs nothing
+            check_writable_file(path, option)
+    if token_maps is not None and data_dir is None:
+        raise click.BadParameter("draws over images from --data: give --data DIR too", param_hint="--token-maps")
+    if token_maps is not None and policy_class(policy).reduction != "drop":
+        raise click.BadParameter(f"shows which tokens a dropping policy keeps; policy {policy!r} keeps every patch "
+                                 "inside merged tokens: choose --policy class-attention or spot", param_hint="--token-maps")
+    model = _load(model_file, model_name, factory)
+    evaluation = _evaluation_data(model, data_dir, input_size, eval_images, mean, std) if data_dir is not None else None
+    with console.status("capturing and rewriting the graph"):
+        sparse = sparsify(model, config)
+    timing = quick_latency(model, sparse) if latency else None
+    console.print(plan_table(sparse.plan, timing))
+    if dump:
+        console.print(dump_graph(sparse.graph_module))
+    if dump_file:
+        dump_file.write_text(dump_graph(sparse.graph_module).plain)
+        console.print(f"graph written to {dump_file}")
+    if out:
+        save(sparse, model, out)
+        console.print(f"sparsified model written to {out}")
+    if export_path:
+        import torch
+
+        torch.export.save(sparse.export(), export_path)
+        console.print(f"exported program written to {export_path} (load it with torch.export.load)")
+    if evaluation is not None:
+        _report_evaluation(model, sparse, *evaluation, token_maps)
+
+
+def _evaluation_data(model, data_dir: Path, input_size, limit: int, mean, std):
+    """The labelled images apply evaluates on (a fixed random subset of `limit`, through the model's eval transform:
+    resize and centre crop as it declares) and their normalisation, read before the slow work."""
+    from spot_compile.data.datasets import evaluation_images
+    from spot_compile.data.preprocessing import model_preprocessing, parse_values
+    from spot_compile.graph.inputs import example_input
+
+    _, channels, height, width = example_input(model, input_size).shape
+    pre = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"), std=parse_values(std, "--std"))
+    data = evaluation_images(data_dir, pre, limit)
+    console.print(f"evaluating on {len(data)} images of {data_dir} ({pre.describe()})")
+    return data, pre.normalization
+
+
+def _report_evaluation(model, sparse, data, normalization, token_maps: Path | None) -> None:
+    from rich.table import Table
+
+    from spot_compile.measure.accuracy import compare
+
+    with console.status(f"dense and sparse on {len(data)} images"):
+        result = compare(model, sparse, data, normalization)
+    table = Table(title=f"on {result.images} of your images: what budget {sparse.plan.budget} costs")
+    for col in ("dense top-1 %", "sparse top-1 %", "change (points)", "top-1 agreement with dense %"):
+        table.add_column(col)
+    table.add_row(f"{result.dense_top1:.2f}", f"{result.sparse_top1:.2f}", f"{result.sparse_top1 - result.dense_top1:+.2f}",
+                  f"{result.agreement:.2f}")
+    console.print(table)
+    if token_maps is not None:
+        from spot_compile.cli.visualize import kept_patches, save_token_maps
+
+        images = data.images[:6]
+        maps = kept_patches(sparse, normalization(images))
+        save_token_maps(images, {sparse.plan.policy: maps}, token_maps, [data.classes[int(y)] for y in data.labels[:6]])
+        console.print(f"token maps written to {token_maps}")
+
+
+@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {_FILE_HELP}")
+@model_options
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
+@click.option("--budget", type=float, default=DEFAULTS.budget, show_default=True)
+@click.option("--rank-budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Calibrate the predictors' ranking at this budget's keep counts (default: --budget); validation and "
+                   "the --finetune tune stay at --budget. The ranking is learned at the top-k boundary: rank where the last "
+                   "stage keeps a little less than the object's share of the image (docs/spot.md, 'Which keep ratio to rank at').")
+@click.option("--stages", default=None, help=f"Block indices, e.g. 3,6,9 (default: {policy_class('spot').stages_text}).")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.optim.epochs, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.optim.batch_size, show_default=True)
+@click.option("--lr", type=float, default=DEFAULTS.optim.lr, show_default=True)
+@click.option("--noise", type=float, default=DEFAULTS.optim.noise, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
+@click.option("--mask-gradient", type=click.Choice(MASK_GRADIENTS), default=DEFAULTS.experimental.mask_gradient, show_default=True,
+              help="Where a score's gradient comes from: the stage's block alone (block), also every later block for "
+                   "kept tokens (downstream; drifts with longer calibration, docs/research/mask_gradient.md), or every later block for all "
+                   "tokens, dropped ones kept in the stream as masked keys (full, DynamicViT's).")
+@click.option("--keep-ratio-weight", type=click.FloatRange(min=0), default=DEFAULTS.loss.keep_ratio, show_default=True,
+              help="Weight of the loss that pulls each stage's mean keep probability to its keep ratio.")
+@click.option("--signals", default=",".join(DEFAULTS.predictor.signals), show_default=True,
+              help="Predictor inputs to use (drop one for an ablation).")
+@click.option("--hidden", type=click.IntRange(min=1), default=DEFAULTS.predictor.hidden, show_default=True, help="Width of the predictor MLP.")
+@click.option("--coverage", type=click.FloatRange(min=0), default=DEFAULTS.predictor.coverage, show_default=True,
+              help="Weight of the fixed spatial coverage prior added to the relevance logits (docs/spot.md).")
+@click.option("--val-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Training images held out for validation.")
+@click.option("--seed", type=int, default=DEFAULTS.optim.seed, show_default=True)
+@click.option("--no-compile", is_flag=True, help="Run the calibration graph eagerly (slower; no compile wait).")
+@click.option("--freeze-backbone/--finetune", default=True, show_default=True,
+              help="Tune the backbone too (against a frozen dense teacher); the tuned weights go into the checkpoint.")
+@click.option("--finetune-graph", type=click.Choice(FINETUNE_GRAPHS), default=None,
+              help=f"With --finetune: tune the backbone after the predictors, as many steps again, through the sparse graph "
+                   f"that will run (deployed), or together with them through the calibration graph (calibration; "
+                   f"measured worse, docs/spot.md). Default: {FINETUNE_GRAPHS[0]}.")
+@click.option("--backbone-lr", type=float, default=DEFAULTS.finetune.backbone_lr, show_default=True,
+              help="Learning rate of the backbone with --finetune (the shipped predictors used 1e-3; docs/spot.md).")
+@click.option("--token-distill", type=click.FloatRange(min=0), default=DEFAULTS.loss.token_distill, show_default=True,
+              help="Weight of the loss that pulls the surviving tokens towards the dense model's (0: logits only).")
+@click.option("--logit-distill", type=click.FloatRange(min=0), default=DEFAULTS.loss.logit_distill, show_default=True,
+              help="Weight of the KL to the dense model's logits (0 with --token-distill 0: no teacher runs, each step is cheaper).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the predictors.")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="Also write OUT.partial every this many steps (always after each epoch); a run started again resumes "
+                   "from it exactly, also after a kill mid-epoch.")
+@click.option("--val-every", type=click.IntRange(min=1), default=None,
+              help="Also validate every this many steps, and keep the predictors of the best validation, not the last "
+                   "(the calibration can drift from accuracy as it trains; docs/research/longer_calibration.md).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader processes per training process (0: read images in the training process). Default: 0 on "
+                   "the CPU (measured: loader processes there take cores from the training threads), else up to 8.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when torch sees one, else the CPU).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.run.precision, show_default=True,
+              help="bf16 runs the forward passes under autocast (fast on GPUs and on CPUs with AVX512-BF16).")
+@click.option("--augment", type=click.Choice(tuple(AUGMENTATIONS)), default=None,
+              help="Training augmentation (default: what the model declares in pretrained_cfg['train_augment'], else "
+                   "random-resized-crop).")
+@normalization_options
+def calibrate(model_file, model_name, factory, data_dir, signals, hidden, coverage, val_size, no_compile, freeze_backbone,
+              augment, mean, std, **settings) -> None:
+    from spot_compile.calibration.distributed import local_rank, resolve_device
+    from spot_compile.calibration.trainer import calibrate as run
+    from spot_compile.data.datasets import training_datasets
+    from spot_compile.data.preprocessing import model_preprocessing, parse_values
+    from spot_compile.graph.inputs import example_input
+    from spot_compile.scorers.spot import PredictorConfig
+    from spot_compile.serialization.files import check_writable_file
+
+    if settings["finetune_graph"] is not None and freeze_backbone:
+        raise click.BadParameter("only used with --finetune: add --finetune, or leave --finetune-graph out",
+                                 param_hint="--finetune-graph")
+    try:
+        predictor = PredictorConfig(hidden=hidden, coverage=coverage, signals=tuple(s.strip() for s in signals.split(",") if s.strip()))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--signals") from None
+    settings["device"] = resolve_device(settings["device"], local_rank())
+    # every setting is checked here, before the model file runs and the data is read
+    settings["stages"] = _stages(settings["stages"])
+    config = CalibrationConfig.from_flat(**settings, predictor=predictor, compile=not no_compile, finetune=not freeze_backbone)
+    check_writable_file(config.run.out, "--out")
+    model = _load(model_file, model_name, factory)
+    _, channels, height, width = example_input(model, config.input_size).shape
+    preprocessing = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"),
+                                        std=parse_values(std, "--std"), augment=augment)
+    train, val = training_datasets(data_dir, val_size, seed=config.optim.seed, channels=channels)
+    run(model, train, val, config, console=console, preprocessing=preprocessing)
+    out = config.run.out
+    console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
+
+
+@main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")
+@model_options
+@click.option("--budgets", default="1.0,0.8,0.6,0.5", show_default=True)
+@click.option("--batches", default="1,8,64", show_default=True)
+@click.option("--modes", default=None,
+              help="eager; compiled (torch.compile); frozen (torch.compile with Inductor weight freezing); aot "
+                   "(AOTInductor shared library, the fastest at small batches, 20-45 s to build per graph); cudagraphs "
+                   "(torch.compile mode reduce-overhead, GPU). Default: eager,compiled,frozen on CPU, eager,compiled,cudagraphs on CUDA.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time the model.")
+@policy_option
+@click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Write latency_<file>.json, .md and speedup_<file>.png here.")
+def bench(model_file, model_name, factory, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
+          out_dir) -> None:
+    from spot_compile.cli.bench import DEFAULT_MODES, MODES, report, run_bench
+    from spot_compile.config import SparsifyConfig
+    from spot_compile.serialization.files import check_writable_dir
+
+    try:
+        budget_list = [float(b) for b in budgets.split(",")]
+        batch_list = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
+    if any(b < 1 for b in batch_list):
+        raise click.BadParameter(f"batch sizes must be at least 1, got {batches}", param_hint="--batches")
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--out-dir")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is available here; time on --device cpu", param_hint="--device")
+    mode_list = tuple(m.strip() for m in modes.split(",")) if modes else DEFAULT_MODES[device]
+    if set(mode_list) - set(MODES):
+        raise click.BadParameter(f"modes are {', '.join(MODES)}; got {modes}", param_hint="--modes")
+    for b in budget_list:
+        SparsifyConfig(budget=b)
+    policy = policy or ("spot" if predictors else DEFAULT_POLICY)
+    config = {"policy": policy, "predictors": str(predictors) if predictors else None}
+    model = _load(model_file, model_name, factory).to(device)
+    rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)
+    report(rows, model_file.stem, out_dir, console, repeats, warmup, policy, device)
+
+
+@main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")
+@click.option("--budget", type=float, default=0.6, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Fashion-MNIST IDX directory (default: Debian's).")
+@click.option("--limit", type=int, default=0, help="Evaluate on the first N test images only (0: all 10k).")
+def demo(budget, data, limit) -> None:
+    from spot_compile.cli.demo import run_demo
+
+    run_demo(console, budget=budget, data=data, limit=limit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Human-readable views: the blocks found, the plan, and the rewritten graph (`--dump`)."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from torch.fx import GraphModule, Node
+
+from spot_compile.graph.blocks import ModelStructure
+from spot_compile.passes.emit import SPOT_TAG
+from spot_compile.planning.plan import SparsityPlan
+
+
+def blocks_table(structure: ModelStructure) -> Table:
+    table = Table(title=f"{len(structure.blocks)} attention blocks found, {structure.num_special} special token(s)")
+    for col in ("block", "attention", "input stream", "attn residual", "mlp residual", "tokens", "dim", "heads"):
+        table.add_column(col)
+    for b in structure.blocks:
+        d = b.describe()
+        table.add_row(*(str(d[k]) for k in ("block", "attention", "input", "attn_residual", "mlp_residual", "tokens", "dim", "heads")))
+    return table
+
+
+def plan_table(plan: SparsityPlan, latency: tuple[float, float] | None = None) -> Group:
+    table = Table(title=f"spot-compile plan: policy {plan.policy}, budget {plan.budget}")
+    for column in ("stage", "before block", "tokens in", "tokens kept"):
+        table.add_column(column)
+    for i, s in enumerate(plan.stages):
+        table.add_row(str(i + 1), str(s.block), str(s.tokens_in), str(s.tokens_out))
+    lines = [
+        f"FLOPs/image: dense {plan.dense_flops / 1e9:.4f} G, sparse {plan.sparse_flops / 1e9:.4f} G, "
+        f"ratio {plan.flops_ratio:.3f} (torch FlopCounterMode)"
+    ]
+    if latency:
+        lines.append(f"eager latency, batch 8: dense {latency[0] * 1e3:.1f} ms, sparse {latency[1] * 1e3:.1f} ms, "
+                     f"ratio {latency[1] / latency[0]:.3f} (median of 5)")
+    return Group(table, *(Text(line) for line in lines))
+
+
+def _fmt(arg) -> str:
+    if isinstance(arg, Node):
+        return arg.name
+    if isinstance(arg, (list, tuple)):
+        return "[" + ", ".join(_fmt(a) for a in arg) + "]"
+    return repr(arg) if not isinstance(arg, float) else f"{arg:g}"
+
+
+def _target(node: Node) -> str:
+    if node.op == "call_module":
+        return f"self.{node.target}"
+    t = node.target
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__qualname__", str(t)).replace("<", "").replace(">", "")
+
+
+def dump_graph(gm: GraphModule) -> Text:
+    """One line per compute node: `name = op(args)  # shape`; nodes spot-compile inserted are marked with `+`."""
+    text = Text()
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr",):
+            continue
+        val = node.meta.get("val")
+        shape = f"  # {tuple(val.shape)}" if isinstance(val, torch.Tensor) else ""
+        inserted = SPOT_TAG in node.meta
+        if node.op == "placeholder":
+            line = f"  input {node.name}{shape}"
+        elif node.op == "output":
+            line = f"  return {_fmt(node.args[0])}"
+        else:
+            line = f"{'+' if inserted else ' '} {node.name} = {_target(node)}({', '.join(_fmt(a) for a in node.args)}){shape}"
+            if inserted:
+                line += f"   [{node.meta[SPOT_TAG]}]"
+        text.append(line + "\n", style="bold green" if inserted else None)
+    return text

@@ -1,0 +1,100 @@
+"""Loading a model from a user's Python file. This runs the file's code, as `python FILE` would.
+
+Which model is taken, in order:
+  1. `--factory FUNC`: the result of calling `FUNC()`;
+  2. `--model NAME`: the object `NAME` (an nn.Module instance, or a class or function called with no arguments);
+  3. a module-level variable named `model`;
+  4. the only nn.Module instance at module level;
+  5. the only nn.Module subclass defined in the file, instantiated with no arguments.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+
+from torch import nn
+
+from spot_compile.errors import ModelFileError
+
+
+def load_model_file(path: str | Path, model: str | None = None, factory: str | None = None) -> nn.Module:
+    module = _run_file(Path(path))
+    if factory:
+        fn = getattr(module, factory, None)
+        if not callable(fn):
+            raise ModelFileError(f"{path} has no function {factory!r}; check --factory")
+        return _call(fn, f"{factory}()", path)
+    if model:
+        if not hasattr(module, model):
+            raise ModelFileError(f"{path} defines nothing named {model!r}; check --model")
+        return _as_module(getattr(module, model), model, path)
+    if isinstance(getattr(module, "model", None), nn.Module):
+        return module.model
+    instances = {k: v for k, v in vars(module).items() if isinstance(v, nn.Module) and not k.startswith("_")}
+    if len(instances) == 1:
+        return next(iter(instances.values()))
+    if len(instances) > 1:
+        raise ModelFileError(f"{path} defines several models ({', '.join(sorted(instances))}); pick one with --model NAME")
+    classes = {k: v for k, v in vars(module).items()
+               if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == module.__name__}
+    if len(classes) == 1:
+        name, cls = next(iter(classes.items()))
+        return _call(cls, f"{name}()", path)
+    if len(classes) > 1:
+        raise ModelFileError(f"{path} defines several nn.Module classes ({', '.join(sorted(classes))}); pick one with --model NAME")
+    raise ModelFileError(
+        f"{path} defines no model; add a module-level `model = ...`, or pass --model NAME / --factory FUNC"
+    )
+
+
+def _run_file(path: Path):
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    name = f"spot_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ModelFileError(f"syntax error in {path} line {e.lineno}: {e.msg}; fix the file and retry") from None
+    except Exception as e:
+        raise ModelFileError(f"running {path} failed: {_where(e, path)}; fix the file and retry") from e
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    return module
+
+
+def _as_module(obj, name: str, path) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        return _call(obj, f"{name}()", path)
+    raise ModelFileError(f"{name!r} in {path} is a {type(obj).__name__}, not an nn.Module or a function returning one")
+
+
+def _call(fn, what: str, path) -> nn.Module:
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as e:  # the call itself lacks arguments; a TypeError raised inside fn is fn's own bug, below
+        raise ModelFileError(f"{what} in {path} needs arguments ({e}); add a factory without arguments and pass --factory") from None
+    except ValueError:  # no signature to read (a builtin): let the call say
+        pass
+    try:
+        result = fn()
+    except Exception as e:
+        raise ModelFileError(f"{what} in {path} raised {_where(e, path)}; fix it and retry") from e
+    if not isinstance(result, nn.Module):
+        raise ModelFileError(f"{what} in {path} returned a {type(result).__name__}, not an nn.Module")
+    return result
+
+
+def _where(e: Exception, path) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
+    line = f" (line {frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{line}"

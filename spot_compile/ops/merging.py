@@ -1,0 +1,53 @@
+"""ToMe's merging maths (Bolya et al., ICLR 2023): key similarity features, bipartite soft matching with
+size-weighted averages, and the log-size bias of proportional attention. The graph wiring is `passes.insert_merging`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def key_metric(k: torch.Tensor, batch: int, transposed: bool) -> torch.Tensor:
+    """(B, N, d): the keys averaged over heads, from (B, H, N, d), (B*H, N, d) or, `transposed`, (..., d, N)."""
+    if transposed:
+        k = k.transpose(-2, -1)
+    n, d = k.shape[-2], k.shape[-1]
+    return k.reshape(batch, -1, n, d).mean(1)
+
+
+def merge_tokens(
+    tokens: torch.Tensor, sizes: torch.Tensor | None, metric: torch.Tensor, num_special: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges the patch tokens of `tokens` (B, N, D) down to `keep` by bipartite soft matching on `metric` (B, N, C).
+
+    `sizes` (B, N, 1): how many input patches each token stands for (None: one each). Returns the merged tokens,
+    special tokens first, then the unmerged tokens of set A in their order, then set B; and their sizes.
+    """
+    b, n, d = tokens.shape
+    s = num_special
+    r = n - s - keep
+    if sizes is None:
+        sizes = tokens.new_ones(b, n, 1)
+    m = F.normalize(metric[:, s:], dim=-1)
+    similarity = m[:, ::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
+    best, partner = similarity.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
+    # The size rides along as one more channel, so tokens and sizes move through a single gather and scatter.
+    x = torch.cat([tokens[:, s:] * sizes[:, s:], sizes[:, s:]], dim=-1)
+    xa, xb = x[:, ::2], x[:, 1::2]
+    xb = xb.scatter_add(1, partner.gather(1, merged_a)[..., None].expand(-1, -1, d + 1),
+                        xa.gather(1, merged_a[..., None].expand(-1, -1, d + 1)))
+    out = torch.cat([xa.gather(1, kept_a[..., None].expand(-1, -1, d + 1)), xb], dim=1)
+    out_sizes = out[..., d:]
+    return torch.cat([tokens[:, :s], out[..., :d] / out_sizes], dim=1), torch.cat([sizes[:, :s], out_sizes], dim=1)
+
+
+def size_bias(sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """log(sizes) shaped to add to the attention logits of keys laid out as `like` (the queries or the logits):
+    (B, 1, 1, N) for (B, H, N, .) and (B*H, 1, N) for (B*H, N, .), batch-major as nn.MultiheadAttention folds it."""
+    bias = sizes.squeeze(-1).log().to(like.dtype)  # (B, N)
+    if like.dim() == 4:
+        return bias[:, None, None, :]
+    return bias.repeat_interleave(like.shape[0] // sizes.shape[0], dim=0)[:, None, :]

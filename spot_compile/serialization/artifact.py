@@ -1,0 +1,75 @@
+"""Saving a sparsified model and restoring it onto the model it came from.
+
+The artifact holds what is needed to rebuild the graph deterministically (config with the solved keep counts,
+the plan, scorer weights) and a fingerprint of the model's structure and parameter shapes, so that loading it onto
+another model, or at another input size, is an error instead of a silent mismatch. Weights of the backbone are
+not stored: they are the user's model's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from torch import nn
+
+from spot_compile.api import sparsify
+from spot_compile.config import SparsifyConfig
+from spot_compile.errors import BudgetError, CheckpointError, InputSizeError, SpotError, StructureError, first_line
+from spot_compile.serialization.checkpoints import fingerprint, parameter_fingerprint, read_checkpoint
+from spot_compile.serialization.configs import config_from_dict, config_to_dict
+from spot_compile.serialization.files import save_atomically
+
+FORMAT = "spot-compile/sparse/1"
+
+
+def save(sparse, model: nn.Module, path: str | Path) -> None:
+    """Writes `sparse` (a SparseViT made from `model`) to `path`."""
+    stages = tuple(s.block for s in sparse.plan.stages)
+    # A dense plan (budget 1.0) has no keep counts: None, so that loading it solves the same (empty) schedule.
+    config = dataclasses.replace(sparse.config, keep=tuple(s.keep for s in sparse.plan.stages) if stages else None,
+                                 stages=stages or sparse.config.stages)
+    save_atomically(
+        {
+            "format": FORMAT,
+            "config": json.dumps(config_to_dict(config)),
+            "plan": json.dumps(sparse.plan.to_dict()),
+            "fingerprint": fingerprint(model, sparse.structure),
+            "parameters": parameter_fingerprint(model),
+            "scorers": {name: m.state_dict() for name, m in sparse.scorers.items()},
+        },
+        path, "the output file",
+    )
+
+
+def load(path: str | Path, model: nn.Module):
+    """Rebuilds the SparseViT saved at `path` on `model`; refuses a model or input size it was not made for."""
+    data = read_checkpoint(path, FORMAT)
+    different = f"{path} was made for a different model"
+    ours = parameter_fingerprint(model)
+    if data.get("parameters", ours) != ours:  # files written before the field existed are checked after the rebuild
+        raise CheckpointError(f"{different} (its parameter names or shapes differ); sparsify this model afresh")
+    try:
+        config = config_from_dict(json.loads(data["config"]), SparsifyConfig, str(path))
+        plan = json.loads(data["plan"])
+        input_shape = list(plan["input_shape"])
+    except (KeyError, TypeError, ValueError, SpotError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} holds a damaged sparse-model record ({first_line(e)}); write it again") from None
+    if config.input_size is None:
+        config.input_size = tuple(input_shape[-2:])
+    try:
+        sparse = sparsify(model, config)
+    except (BudgetError, InputSizeError, StructureError) as e:  # the stages or input size of another model: say which file, not which setting
+        raise CheckpointError(f"{different} ({e}); sparsify this model afresh") from None
+    if fingerprint(model, sparse.structure) != data["fingerprint"]:
+        raise CheckpointError(f"{different} (structure or parameter shapes differ); sparsify this model afresh")
+    for name, state in data["scorers"].items():
+        if name not in sparse.scorers:
+            raise CheckpointError(f"{path} has scorer {name!r} that this model's plan lacks; sparsify this model afresh")
+        sparse.scorers[name].load_state_dict(state)
+    if list(sparse.plan.input_shape[1:]) != input_shape[1:]:
+        raise CheckpointError(f"{path} was made for input {input_shape[1:]}, not {list(sparse.plan.input_shape[1:])}")
+    return sparse
