@@ -111,11 +111,16 @@ def main() -> None:
     partial = args.out.with_suffix(".partial")
     start_epoch, history = 0, []
     if partial.exists():
-        state = load_tensors(partial)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start_epoch, history = state["epoch"], state["history"]
+        try:
+            state = load_tensors(partial)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start_epoch, history = state["epoch"], state["history"]
+        except SpotError as e:
+            raise SystemExit(f"error: {e}; delete {partial} to start afresh") from None
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"error: {partial} is a damaged partial training ({type(e).__name__}); delete it to start afresh") from None
         console.print(f"resuming from epoch {start_epoch}")
 
     t0 = time.time()

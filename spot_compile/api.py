@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from spot_compile.config import SparsifyConfig
-from spot_compile.errors import BudgetError, InputSizeError, StructureError, first_line
+from spot_compile.errors import BudgetError, InputSizeError, StructureError, UsageError, first_line
 from spot_compile.graph.blocks import ModelStructure, find_blocks
 from spot_compile.graph.capture import capture, clone_graph_module
 from spot_compile.graph.inputs import device_of, dtype_of, example_input, noise_images
@@ -44,6 +45,8 @@ class SparseViT(nn.Module):
         shape = self.plan.input_shape
         if not isinstance(x, torch.Tensor):
             raise InputSizeError(f"expects an image batch tensor of shape (N, {', '.join(map(str, shape[1:]))}), got a {type(x).__name__}")
+        if x.dim() == len(shape) and x.shape[0] == 0:
+            raise InputSizeError("the batch is empty (0 images); pass at least one image")
         if x.dim() != len(shape) or tuple(x.shape[1:]) != shape[1:]:
             unbatched = x.dim() == len(shape) - 1 and tuple(x.shape) == shape[1:]
             raise InputSizeError(
@@ -150,6 +153,12 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
     to change, for any input it cannot handle. `scorers` (stage -> module) overrides the policy's scorers; the
     calibration recipe uses it to evaluate predictors while it trains them.
     """
+    if not isinstance(model, nn.Module):
+        hint = " (a model file is for the command line: spot-compile apply FILE)" if isinstance(model, (str, Path)) else ""
+        raise UsageError(f"sparsify takes an nn.Module, got a {type(model).__name__}{hint}; build or load the model first")
+    if config is not None and not isinstance(config, SparsifyConfig):
+        hint = f": sparsify(model, SparsifyConfig(budget={config!r}))" if isinstance(config, (int, float)) else ""
+        raise UsageError(f"sparsify's second argument is a SparsifyConfig, got a {type(config).__name__}{hint}")
     config = config or SparsifyConfig()
     if scorers is None:
         model = policy_class(config.policy).prepare_model(config, model)

@@ -43,6 +43,9 @@ class SparsifyConfig:
         self.budget = flops_fraction(self.budget, "budget")
         if not isinstance(self.policy, str) or self.policy not in policy_names():
             raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
+        if self.predictors is not None and not policy_class(self.policy).calibrated:
+            raise BudgetError(f"predictors (--predictors) are read by policy 'spot', not by {self.policy!r}: drop them, or "
+                              "choose --policy spot")
         if self.fuse_pruned and not policy_class(self.policy).fusable:
             raise BudgetError(f"fuse_pruned (--fuse) applies to policies that drop tokens, not to {self.policy!r}")
         if self.stages is not None:

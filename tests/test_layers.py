@@ -73,7 +73,7 @@ MAY_IMPORT = {
     "policies": {"errors", "graph", "passes", "planning", "scorers", "serialization"},
     "config": {"errors", "policies"},
     "api": {"errors", "config", "graph", "measure", "planning", "policies"},
-    "serialization": {"errors", "api", "config", "graph", "scorers"},
+    "serialization": {"errors", "api", "config", "graph", "policies", "scorers"},
     "models": {"errors", "data", "serialization"},
     "calibration": {"errors", "api", "config", "data", "graph", "measure", "passes", "policies", "scorers", "serialization"},
     "cli": None,  # the command line may import anything

@@ -5,10 +5,14 @@ step and validation that a person or a plot can read afterwards."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
+
+from spot_compile.errors import OutputPathError
+from spot_compile.serialization.files import reason
 
 
 class RunLog:
@@ -18,7 +22,7 @@ class RunLog:
     def __init__(self, console: Console, path: Path | None, total_steps: int, batch_size: int, *, resumed: bool,
                  every_s: float = 30.0) -> None:
         self.console, self.total, self.batch_size, self.every_s = console, total_steps, batch_size, every_s
-        self.file = open(path, "a" if resumed else "w") if path is not None else None  # noqa: SIM115 (closed by close())
+        self.path, self.file = path, _open_log(path, resumed) if path is not None else None
         self.start = self.last_line = time.perf_counter()
         self.steps_here = 0  # steps run by this process: the rate is this process's own
 
@@ -47,8 +51,21 @@ class RunLog:
 
     def _write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk mid-run: the run stops here, its last partial checkpoint kept
+                raise OutputPathError(f"the log {self.path} cannot be written ({reason(e, self.path.parent)}); the run "
+                                      "stopped, its last partial checkpoint is kept: free some space and start it again") from None
+
+
+def _open_log(path: Path, resumed: bool):
+    """The log opened for appending (a resumed run) or anew, never through a link planted at its name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if resumed else os.O_TRUNC)
+    try:
+        return os.fdopen(os.open(path, flags, 0o666), "a" if resumed else "w")
+    except OSError as e:
+        raise OutputPathError(f"the log {path} cannot be written ({reason(e, path.parent)}); remove it or choose another --out") from None
 
 
 def _duration(seconds: float) -> str:

@@ -37,7 +37,7 @@ from spot_compile.api import SparseViT, sparsify
 from spot_compile.calibration.config import CalibrationConfig
 from spot_compile.calibration.distributed import Processes, default_workers, local_rank, resolve_device
 from spot_compile.calibration.losses import TERMS, calibration_loss
-from spot_compile.calibration.resume import read_partial, rng_state, set_rng_state, write_partial
+from spot_compile.calibration.resume import RunLock, data_identity, read_partial, rng_state, set_rng_state, write_partial
 from spot_compile.calibration.runlog import RunLog
 from spot_compile.calibration.schedule import cosine_lr
 from spot_compile.config import SparsifyConfig
@@ -45,7 +45,7 @@ from spot_compile.data.imageset import ImageSet, as_dataset, classes_of
 from spot_compile.data.loading import Prepared, SeededSampler, loader, reraised
 from spot_compile.data.preprocessing import Preprocessing, model_preprocessing
 from spot_compile.data.transforms import EvalTransform, TrainTransform
-from spot_compile.errors import CheckpointError, DataError, UsageError, first_line
+from spot_compile.errors import BudgetError, CheckpointError, DataError, UsageError, first_line
 from spot_compile.graph.blocks import find_blocks
 from spot_compile.graph.capture import capture, clone_graph_module
 from spot_compile.graph.inputs import example_input
@@ -120,6 +120,18 @@ class Calibrator:
         _check_data(self.train_data, self.val_data, config.optim.batch_size, self.procs.world_size)
         self.out = check_writable_file(run.out, "--out") if run.out is not None else None
         self.partial = self.out.with_suffix(".partial") if self.out else None
+        self.lock = RunLock(self.out) if self.out and self.procs.main else None
+        if self.lock:
+            self.lock.acquire()
+        try:
+            self._setup(model, preprocessing)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
+
+    def _setup(self, model: nn.Module, preprocessing: Preprocessing | None) -> None:
+        config = self.config
         torch.manual_seed(config.optim.seed)
         model.to(self.device).eval()
         for p in model.parameters():
@@ -167,7 +179,10 @@ class Calibrator:
         for m in self.predictors.values():
             m.to(self.device)
         self.sparse = self._sparsified(cfg.budget)
-        ranking = self.sparse if cfg.ranking_budget == cfg.budget else self._sparsified(cfg.ranking_budget)
+        try:
+            ranking = self.sparse if cfg.ranking_budget == cfg.budget else self._sparsified(cfg.ranking_budget)
+        except BudgetError as e:
+            raise BudgetError(f"--rank-budget {cfg.ranking_budget}: {e}") from None
         self.keep = tuple(s.keep for s in ranking.plan.stages)  # the calibration graph's
         scorers = self.predictors if cfg.experimental.backbone_from_scores else {s: DetachedInputs(m) for s, m in self.predictors.items()}
         self.student, self.keepers = build_calibration_graph(captured, self.stages, self.keep, scorers, cfg.optim.noise,
@@ -217,13 +232,14 @@ class Calibrator:
         """What a partial checkpoint must have been made for to be resumed here: the same model, budget, stages and
         setup. In its JSON form (tuples as lists), as it is read back from a partial."""
         cfg = self.config
-        identity = {"fingerprint": fingerprint(self.model, self.structure), "budget": cfg.budget, "stages": list(self.stages),
-                    "keep": list(self.keep), "predictor": asdict(cfg.predictor), "finetune": cfg.finetune.enabled,
-                    "finetune_graph": cfg.finetune.through, "mask_gradient": cfg.experimental.mask_gradient,
-                    "val_every": cfg.run.val_every, "keep_ratio_weight": cfg.loss.keep_ratio,
-                    "batch_size": cfg.optim.batch_size, "world_size": self.procs.world_size}
-        if cfg.ranking_budget != cfg.budget:  # only then: a partial written before rank_budget existed stays resumable
-            identity["rank_budget"] = cfg.ranking_budget
+        identity = {"fingerprint": fingerprint(self.model, self.structure), "budget": cfg.budget, "rank_budget": cfg.ranking_budget,
+                    "stages": list(self.stages), "keep": list(self.keep), "predictor": asdict(cfg.predictor),
+                    **{f"{group}.{k}": v for group in ("optim", "loss", "finetune", "experimental")
+                       for k, v in asdict(getattr(cfg, group)).items()},
+                    "val_every": cfg.run.val_every, "precision": cfg.run.precision,
+                    "device": self.device.type, "world_size": self.procs.world_size,
+                    "training images": data_identity(self.train_data), "validation images": data_identity(self.val_data),
+                    "preprocessing": self.preprocessing.describe()}
         return json.loads(json.dumps(identity))
 
     def _resume(self) -> dict:
@@ -270,6 +286,13 @@ class Calibrator:
     # --- the run -------------------------------------------------------------------------------------------------
 
     def run(self) -> CalibrationResult:
+        try:
+            return self._run()
+        finally:
+            if self.lock:
+                self.lock.release()
+
+    def _run(self) -> CalibrationResult:
         cfg, phases = self.config, self.config.phases
         self.console.print(self.preprocessing.describe())  # once every setting and file is accepted, before the first step
         self.t0 = time.time()

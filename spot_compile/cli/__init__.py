@@ -3,3 +3,7 @@ helpers only the commands use: `bench` (latency tables), `demo` (the built-in de
 `--dump`), `visualize` (PNG pictures), `userfile` (running a user's model file). May import anything in the package;
 nothing in the package imports it.
 """
+
+from spot_compile.cli.main import main
+
+__all__ = ["main"]

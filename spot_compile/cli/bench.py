@@ -34,6 +34,7 @@ from spot_compile.api import sparsify
 from spot_compile.config import SparsifyConfig
 from spot_compile.errors import UsageError, first_line
 from spot_compile.measure.timing import median_ms, median_pair
+from spot_compile.serialization.files import atomic_file, write_text
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
 DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
@@ -241,7 +242,8 @@ def save_speedup_plot(rows: list[Timing], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "the speedup plot") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -272,7 +274,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
         meta["gpu"] = torch.cuda.get_device_name(device)
     where = meta.get("gpu", f"{meta['cpu']}, {meta['threads']} threads")
     data = {**meta, "rows": [r.as_dict() for r in rows], "best": best}
-    (out_dir / f"latency_{name}.json").write_text(json.dumps(data, indent=2))
+    write_text(out_dir / f"latency_{name}.json", json.dumps(data, indent=2), "--out-dir")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md += ["", "Fastest path (best dense mode vs best sparse mode):", "",
            "| budget | batch | dense | sparse | speedup | speedup x FLOPs ratio |", "|---|---|---|---|---|---|"]
@@ -281,7 +283,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     header = (f"{name}, policy {policy}, {where}, torch {meta['torch']}, {meta['date']}; "
               f"median of {repeats} after {warmup} warm-up; peak MB = "
               f"{'CUDA memory one forward allocates' if device.type == 'cuda' else 'resident memory one forward adds'}\n\n")
-    (out_dir / f"latency_{name}.md").write_text(header + "\n".join(md) + "\n")
+    write_text(out_dir / f"latency_{name}.md", header + "\n".join(md) + "\n", "--out-dir")
     save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), {where}")
     console.print(f"wrote {out_dir}/latency_{name}.json, .md and speedup_{name}.png")
 

@@ -128,7 +128,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     from spot_compile import SparsifyConfig, save, sparsify
     from spot_compile.cli.bench import quick_latency
     from spot_compile.cli.report import dump_graph, plan_table
-    from spot_compile.serialization.files import check_writable_file
+    from spot_compile.serialization.files import atomic_file, check_writable_file, write_text
 
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
@@ -150,7 +150,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     if dump:
         console.print(dump_graph(sparse.graph_module))
     if dump_file:
-        dump_file.write_text(dump_graph(sparse.graph_module).plain)
+        write_text(dump_file, dump_graph(sparse.graph_module).plain, "--dump-file")
         console.print(f"graph written to {dump_file}")
     if out:
         save(sparse, model, out)
@@ -158,7 +158,9 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     if export_path:
         import torch
 
-        torch.export.save(sparse.export(), export_path)
+        program = sparse.export()
+        with atomic_file(export_path, "--export") as f:  # a file object: a failed write is an error, not an abort
+            torch.export.save(program, f)
         console.print(f"exported program written to {export_path} (load it with torch.export.load)")
     if evaluation is not None:
         _report_evaluation(model, sparse, *evaluation, token_maps)
@@ -325,6 +327,8 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
     mode_list = tuple(m.strip() for m in modes.split(",")) if modes else DEFAULT_MODES[device]
     if set(mode_list) - set(MODES):
         raise click.BadParameter(f"modes are {', '.join(MODES)}; got {modes}", param_hint="--modes")
+    if device == "cpu" and "cudagraphs" in mode_list:
+        raise click.BadParameter("cudagraphs replays CUDA graphs: it needs --device cuda", param_hint="--modes")
     for b in budget_list:
         SparsifyConfig(budget=b)
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
@@ -337,7 +341,7 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")
 @click.option("--budget", type=float, default=0.6, show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Fashion-MNIST IDX directory (default: Debian's).")
-@click.option("--limit", type=int, default=0, help="Evaluate on the first N test images only (0: all 10k).")
+@click.option("--limit", type=click.IntRange(min=0), default=0, help="Evaluate on the first N test images only (0: all 10k).")
 def demo(budget, data, limit) -> None:
     from spot_compile.cli.demo import run_demo
 

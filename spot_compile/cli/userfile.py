@@ -46,6 +46,9 @@ def load_model_file(path: str | Path, model: str | None = None, factory: str | N
         return _call(cls, f"{name}()", path)
     if len(classes) > 1:
         raise ModelFileError(f"{path} defines several nn.Module classes ({', '.join(sorted(classes))}); pick one with --model NAME")
+    if hasattr(module, "model"):
+        raise ModelFileError(f"`model` in {path} is a {type(module.model).__name__}, not an nn.Module; assign the model "
+                             "itself, or name another with --model NAME / --factory FUNC")
     raise ModelFileError(
         f"{path} defines no model; add a module-level `model = ...`, or pass --model NAME / --factory FUNC"
     )
@@ -63,6 +66,9 @@ def _run_file(path: Path):
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ModelFileError(f"syntax error in {path} line {e.lineno}: {e.msg}; fix the file and retry") from None
+    except SystemExit as e:
+        raise ModelFileError(f"the model file {path} called sys.exit({e.code!r}) while it was run to build the model; "
+                             "build the model without exiting (keep command-line code under `if __name__ == \"__main__\":`)") from None
     except Exception as e:
         raise ModelFileError(f"running {path} failed: {_where(e, path)}; fix the file and retry") from e
     finally:

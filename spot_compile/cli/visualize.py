@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from torch.fx import Interpreter  # noqa: E402
 
 from spot_compile import ops  # noqa: E402
+from spot_compile.serialization.files import atomic_file  # noqa: E402
 
 
 class _PruneRecorder(Interpreter):
@@ -65,7 +66,8 @@ def save_token_maps(images: torch.Tensor, maps_by_policy: dict[str, list[torch.T
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "the picture") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -85,5 +87,6 @@ def save_accuracy_vs_flops(rows: list[dict], path: Path, dense_acc: float, title
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "the picture") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)

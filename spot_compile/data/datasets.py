@@ -40,8 +40,9 @@ def training_datasets(root: str | Path, val_size: int, seed: int = 0, channels: 
     if (root / "train").is_dir() and (root / "val").is_dir():
         train, val = image_folder(root / "train", channels), image_folder(root / "val", channels)
         if train.classes != val.classes:
-            raise DataError(f"{root}/train and {root}/val have different class folders ({len(train.classes)} vs "
-                            f"{len(val.classes)}); give both the same classes")
+            only_train, only_val = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
+            raise DataError(f"{root}/train and {root}/val have different class folders (only in train/: "
+                            f"{', '.join(only_train) or 'none'}; only in val/: {', '.join(only_val) or 'none'}); give both the same classes")
         return train, val
     if any(p.is_dir() for p in root.iterdir()):
         return split(image_folder(root / "train" if (root / "train").is_dir() else root, channels), val_size, seed)

@@ -26,7 +26,13 @@ class IdxImages(Dataset):
         if images is None or labels is None:
             raise DataError(f"no {split} IDX files in {root} (expected {_SPLIT_PREFIX[split]}-images-idx3-ubyte[.gz] and labels)")
         self.images = _map_idx(images)
+        if self.images.dtype != np.uint8:
+            raise DataError(f"{images} holds {self.images.dtype} pixels; spot-compile reads 8-bit (ubyte) IDX images: "
+                            "convert the file to unsigned bytes")
         labels = read_idx(labels)
+        if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+            raise DataError(f"the labels of {root} hold {labels.min()!r} ({labels.dtype}); labels must be class indices "
+                            "0, 1, 2, ...: fix the labels file")
         if self.images.ndim != 3 or labels.ndim != 1 or len(self.images) != len(labels):
             raise DataError(f"IDX files in {root} disagree: images {self.images.shape} vs labels {labels.shape}")
         self.labels = torch.from_numpy(labels.astype(np.int64))

@@ -5,6 +5,7 @@ it rather than being skipped (a skipped image would shorten the batch, and a cha
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,7 @@ def optional_torchvision():
 def to_tensor(image, channels: int, where: str = "an image") -> torch.Tensor:
     """A PIL image or a (C, H, W) / (H, W) tensor or array in [0, 1] (uint8: 0-255) as a float (channels, H, W) tensor."""
     if not isinstance(image, (torch.Tensor, np.ndarray)) and hasattr(image, "convert"):  # PIL
-        if channels == 1 and in_colour(image):
-            raise DataError(f"{where} is a colour image but the model takes 1 channel; convert the data to greyscale or use "
-                            "a model with 3 input channels")
-        image = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        image = _pil_pixels(image, channels, where)
     t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
     if t.dim() == 2:
         t = t.unsqueeze(0)
@@ -46,8 +44,30 @@ def to_tensor(image, channels: int, where: str = "an image") -> torch.Tensor:
     return t
 
 
+def _pil_pixels(image, channels: int, where: str):
+    """A PIL image's pixels in [0, 1] by the range of its mode (uint8 for the 8-bit modes, palette ones included,
+    through PIL's conversion; 16-bit and float greyscale scaled by their own range), or a one-line refusal."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":  # 16-bit greyscale (PIL opens some 16-bit PNGs as 32-bit "I")
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise DataError(f"{where} is a 32-bit integer image with values outside 0-65535; save it as an 8- or 16-bit image")
+        return torch.from_numpy(pixels / 65535.0).float()
+    if mode == "F":  # 32-bit float greyscale: already [0, 1], or refused
+        pixels = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise DataError(f"{where} is a floating-point image with values outside [0, 1] (from {float(np.nanmin(pixels)):g} "
+                            f"to {float(np.nanmax(pixels)):g}); save it as an 8- or 16-bit image, or scale it to [0, 1]")
+        return torch.from_numpy(pixels.copy())
+    if channels == 1 and in_colour(image):
+        raise DataError(f"{where} is a colour image but the model takes 1 channel; convert the data to greyscale or use "
+                        "a model with 3 input channels")
+    return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+
+
 def image_folder(base: Path, channels: int):
     """torchvision's ImageFolder over `base/CLASS/*`; an unreadable file stops the run naming it."""
+    _refuse_directory_loops(base)
     tv = optional_torchvision()
     if tv is None:
         raise DataError(f"reading an image folder {NEEDS_TORCHVISION}")
@@ -56,6 +76,19 @@ def image_folder(base: Path, channels: int):
     except FileNotFoundError as e:  # no class folders, or class folders with no images
         raise DataError(f"{base}: {first_line(e)}; expected ImageFolder layout {base}/CLASS/image.png") from None
     return folder
+
+
+def _refuse_directory_loops(base: Path) -> None:
+    """ImageFolder follows links into directories: one back into the tree would count its images again and again."""
+    seen = {}
+    for top, _, _ in os.walk(base, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            raise DataError(f"{top} is {seen[real]} again (a link to a directory the tree already holds): its images would "
+                            "be counted twice; remove the link")
+        seen[real] = top
+        if len(seen) > 1_000_000:
+            break
 
 
 def _is_image(path: str) -> bool:

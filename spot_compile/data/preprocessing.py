@@ -9,6 +9,7 @@ statistics would be a silently wrong input, so it is refused before any slow wor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -31,6 +32,8 @@ class Normalization:
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
             raise DataError(f"mean and std need one value per channel (or one for all), got {len(self.mean)} and {len(self.std)}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise DataError(f"mean and std must be finite numbers, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise DataError(f"std values must be positive, got {self.std}")
 
@@ -61,6 +64,8 @@ def parse_values(text: str | None, option: str) -> tuple[float, ...] | None:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise DataError(f"{option} must be comma-separated numbers, e.g. {option} 0.485,0.456,0.406; got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"{option} must be finite numbers, got {text!r}")
     return values
 
 

@@ -50,7 +50,7 @@ def logits_of(output) -> torch.Tensor:
         return output
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict) and output:
-        logits = next(iter(output.values()))
+        logits = output["logits"] if "logits" in output else next(iter(output.values()))
     elif logits is None and isinstance(output, (tuple, list)) and output:
         logits = output[0]
     if not isinstance(logits, torch.Tensor):

@@ -17,6 +17,7 @@ from torch import nn
 from spot_compile.api import sparsify
 from spot_compile.config import SparsifyConfig
 from spot_compile.errors import BudgetError, CheckpointError, InputSizeError, SpotError, StructureError, first_line
+from spot_compile.policies import policy_names
 from spot_compile.serialization.checkpoints import fingerprint, parameter_fingerprint, read_checkpoint
 from spot_compile.serialization.configs import config_from_dict, config_to_dict
 from spot_compile.serialization.files import save_atomically
@@ -51,7 +52,12 @@ def load(path: str | Path, model: nn.Module):
     if data.get("parameters", ours) != ours:  # files written before the field existed are checked after the rebuild
         raise CheckpointError(f"{different} (its parameter names or shapes differ); sparsify this model afresh")
     try:
-        config = config_from_dict(json.loads(data["config"]), SparsifyConfig, str(path))
+        stored = json.loads(data["config"])
+        policy = stored.get("policy") if isinstance(stored, dict) else None
+        if isinstance(policy, str) and policy not in policy_names():
+            raise CheckpointError(f"{path} was made with token policy {policy!r}, which is not installed here (a plug-in "
+                                  "policy?); install the package that provides it, then load the file again")
+        config = config_from_dict(stored, SparsifyConfig, str(path))
         plan = json.loads(data["plan"])
         input_shape = list(plan["input_shape"])
     except (KeyError, TypeError, ValueError, SpotError) as e:
@@ -66,7 +72,10 @@ def load(path: str | Path, model: nn.Module):
         raise CheckpointError(f"{different} ({e}); sparsify this model afresh") from None
     if fingerprint(model, sparse.structure) != data["fingerprint"]:
         raise CheckpointError(f"{different} (structure or parameter shapes differ); sparsify this model afresh")
-    for name, state in data["scorers"].items():
+    scorers = data.get("scorers")
+    if not isinstance(scorers, dict) or not all(isinstance(s, dict) for s in scorers.values()):
+        raise CheckpointError(f"{path} holds a damaged sparse-model record (its scorer weights are no state dicts); write it again")
+    for name, state in scorers.items():
         if name not in sparse.scorers:
             raise CheckpointError(f"{path} has scorer {name!r} that this model's plan lacks; sparsify this model afresh")
         sparse.scorers[name].load_state_dict(state)

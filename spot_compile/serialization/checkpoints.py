@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spot_compile.errors import CheckpointError, first_line
+from spot_compile.errors import CheckpointError
 from spot_compile.graph.blocks import ModelStructure
 
 
@@ -52,8 +52,9 @@ def load_tensors(path: str | Path) -> object:
                 f"{path} holds Python objects other than tensors, which could run code when loaded; spot-compile "
                 "refuses to unpickle them: pass a file spot-compile wrote"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(e)}); it is corrupt or truncated "
-                              "(or no checkpoint at all), write it again") from None
+        # torch's own text here advises weights_only=False, which is exactly what must not be done with this file
+        raise CheckpointError(f"{path} is not a readable checkpoint (a pickle of something other than tensors and plain "
+                              "containers, or a corrupt or truncated file); pass a file spot-compile wrote") from None
     except Exception as e:  # torch.load raises KeyError, RuntimeError, EOFError, ... for a file that is no checkpoint
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or truncated "
                               "(or no checkpoint at all), write it again") from None

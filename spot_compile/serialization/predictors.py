@@ -60,6 +60,9 @@ def load_predictor_checkpoint(path, model: nn.Module, structure: ModelStructure)
     for s, p in predictors.items():
         p.load_state_dict(data["state"][str(s)])
         p.eval()
+        if not all(torch.isfinite(v).all() for v in p.state_dict().values()):
+            raise CheckpointError(f"{path} holds predictor weights that are NaN or infinite (stage {s}): its calibration "
+                                  "diverged; calibrate again (a lower --lr)")
     return PredictorCheckpoint(predictors, stages, data["budget"], config, json.loads(data["metrics"]), data.get("backbone"))
 
 
