@@ -40,6 +40,7 @@ class SparseViT(nn.Module):
         self.structure = structure
         self.compile_choice: dict | None = None  # set by compiled(verify=True)
         self.pretrained_cfg: dict | None = None  # the source model's declared preprocessing (timm's convention)
+        self.predictor_record: dict | None = None  # the predictor file's contents, when loaded from a saved model
 
     def forward(self, x: torch.Tensor):
         shape = self.plan.input_shape

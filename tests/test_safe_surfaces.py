@@ -289,3 +289,46 @@ def test_the_cli_refuses_these_in_one_line_before_the_slow_work(tmp_path, args, 
     result = CliRunner().invoke(main, [names.get(a, a) for a in args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
+
+
+# --- saved models, self-contained ------------------------------------------------------------------------------------
+
+def test_a_saved_spot_model_carries_its_predictors_and_tuned_backbone(tmp_path, monkeypatch):
+    train, val = _data(n=24)
+    predictors = tmp_path / "p.pt"
+    model = small_vit()
+    sc.calibrate(model, train, val, _config(max_steps=2, out=predictors, finetune=True, backbone_lr=1e-2))
+    user_model = small_vit()  # the user's model: the tuned backbone lives in the predictor file only
+    sparse = sc.sparsify(user_model, sc.SparsifyConfig(budget=0.6, policy="spot", predictors=str(predictors)))
+    sc.save(sparse, user_model, tmp_path / "s.pt")
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        expected = sparse(x)
+    # another calibration now lies at the path the artifact names, and the loader runs from another directory
+    sc.calibrate(small_vit(), *_data(n=24, seed=9), _config(max_steps=2, out=predictors, finetune=True, backbone_lr=5e-2, seed=4))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = sc.load(tmp_path / "s.pt", small_vit())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    predictors.unlink()  # and without the file at all, saved again and loaded again
+    sc.save(loaded, small_vit(), tmp_path / "again.pt")
+    with torch.no_grad():
+        assert torch.equal(sc.load(tmp_path / "again.pt", small_vit())(x), expected)
+    record = torch.load(tmp_path / "s.pt", weights_only=True)["predictors"]
+    assert "backbone" not in record and 0 < len(record["backbone_diff"]) <= len(small_vit().state_dict())
+
+
+def test_calibrating_a_model_that_is_not_float32_is_one_line_before_the_capture():
+    train, val = _data()
+    with pytest.raises(UsageError, match="calibrate trains a float32 model"):
+        sc.calibrate(small_vit().to(torch.bfloat16), train, val, _config(max_steps=1))
+
+
+def test_token_maps_with_fused_tokens_are_refused_up_front(tmp_path):
+    model = tmp_path / "m.py"
+    model.write_text("from spot_compile.models.vit import ViT\nmodel = ViT(img_size=16, patch_size=2, dim=32, depth=4, heads=2)\n")
+    result = CliRunner().invoke(main, ["apply", str(model), "--policy", "class-attention", "--fuse", "--data", str(tmp_path),
+                                       "--token-maps", str(tmp_path / "maps.png")])
+    assert result.exit_code == 2 and "drop --fuse for the maps" in " ".join(result.output.split()), result.output

@@ -48,7 +48,7 @@ from spot_compile.data.transforms import EvalTransform, TrainTransform
 from spot_compile.errors import BudgetError, CheckpointError, DataError, UsageError, first_line
 from spot_compile.graph.blocks import find_blocks
 from spot_compile.graph.capture import capture, clone_graph_module
-from spot_compile.graph.inputs import example_input
+from spot_compile.graph.inputs import dtype_of, example_input
 from spot_compile.measure.accuracy import logits_of, top1_correct
 from spot_compile.passes.soft_pruning import build_calibration_graph, tap_final_tokens
 from spot_compile.policies import default_stages
@@ -116,6 +116,9 @@ class Calibrator:
         self.device = resolve_device(run.device, local_rank())
         self.procs = Processes.from_env(self.device)
         self.console = console or Console() if self.procs.main else Console(quiet=True)
+        if dtype_of(model) != torch.float32:
+            raise UsageError(f"calibrate trains a float32 model (its weights are {dtype_of(model)}); calibrate model.float() "
+                             "(--precision bf16 runs the forward passes in bfloat16), then sparsify the model in its own dtype")
         self.train_data, self.val_data = as_dataset(train), as_dataset(val)
         _check_data(self.train_data, self.val_data, config.optim.batch_size, self.procs.world_size)
         self.out = check_writable_file(run.out, "--out") if run.out is not None else None

@@ -138,6 +138,9 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
             check_writable_file(path, option)
     if token_maps is not None and data_dir is None:
         raise click.BadParameter("draws over images from --data: give --data DIR too", param_hint="--token-maps")
+    if token_maps is not None and fuse:
+        raise click.BadParameter("draws the tokens each stage keeps; --fuse blends the dropped ones into an extra token "
+                                 "that belongs to no patch: drop --fuse for the maps", param_hint="--token-maps")
     if token_maps is not None and policy_class(policy).reduction != "drop":
         raise click.BadParameter(f"shows which tokens a dropping policy keeps; policy {policy!r} keeps every patch "
                                  "inside merged tokens: choose --policy class-attention or spot", param_hint="--token-maps")

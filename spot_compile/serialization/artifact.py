@@ -1,9 +1,10 @@
 """Saving a sparsified model and restoring it onto the model it came from.
 
 The artifact holds what is needed to rebuild the graph deterministically (config with the solved keep counts,
-the plan, scorer weights) and a fingerprint of the model's structure and parameter shapes, so that loading it onto
+the plan, scorer weights, and for SPOT the predictor file's contents, a tuned backbone as its difference to the
+model) and a fingerprint of the model's structure and parameter shapes, so that loading it onto
 another model, or at another input size, is an error instead of a silent mismatch. Weights of the backbone are
-not stored: they are the user's model's own.
+not stored (a tuned backbone's difference aside): they are the user's model's own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from spot_compile.policies import policy_names
 from spot_compile.serialization.checkpoints import fingerprint, parameter_fingerprint, read_checkpoint
 from spot_compile.serialization.configs import config_from_dict, config_to_dict
 from spot_compile.serialization.files import save_atomically
+from spot_compile.serialization.predictors import embedded_predictors, predictor_file
 
 FORMAT = "spot-compile/sparse/1"
 
@@ -31,17 +33,17 @@ def save(sparse, model: nn.Module, path: str | Path) -> None:
     # A dense plan (budget 1.0) has no keep counts: None, so that loading it solves the same (empty) schedule.
     config = dataclasses.replace(sparse.config, keep=tuple(s.keep for s in sparse.plan.stages) if stages else None,
                                  stages=stages or sparse.config.stages)
-    save_atomically(
-        {
-            "format": FORMAT,
-            "config": json.dumps(config_to_dict(config)),
-            "plan": json.dumps(sparse.plan.to_dict()),
-            "fingerprint": fingerprint(model, sparse.structure),
-            "parameters": parameter_fingerprint(model),
-            "scorers": {name: m.state_dict() for name, m in sparse.scorers.items()},
-        },
-        path, "the output file",
-    )
+    record = {
+        "format": FORMAT,
+        "config": json.dumps(config_to_dict(config)),
+        "plan": json.dumps(sparse.plan.to_dict()),
+        "fingerprint": fingerprint(model, sparse.structure),
+        "parameters": parameter_fingerprint(model),
+        "scorers": {name: m.state_dict() for name, m in sparse.scorers.items()},
+    }
+    if config.predictors is not None:  # self-contained: the predictor file travels inside, a tuned backbone as a diff
+        record["predictors"] = sparse.predictor_record or embedded_predictors(config.predictors, model)
+    save_atomically(record, path, "the output file")
 
 
 def load(path: str | Path, model: nn.Module):
@@ -66,8 +68,14 @@ def load(path: str | Path, model: nn.Module):
         raise CheckpointError(f"{path} holds a damaged sparse-model record ({first_line(e)}); write it again") from None
     if config.input_size is None:
         config.input_size = tuple(input_shape[-2:])
+    embedded = data.get("predictors")
     try:
-        sparse = sparsify(model, config)
+        if isinstance(embedded, dict):  # the predictors it carries, not whatever now lies at the path it names
+            with predictor_file(embedded, model) as carried:
+                sparse = sparsify(model, dataclasses.replace(config, predictors=carried))
+            sparse.config, sparse.predictor_record = config, embedded
+        else:  # written before artifacts carried their predictors: the file at the path
+            sparse = sparsify(model, config)
     except (BudgetError, InputSizeError, StructureError) as e:  # the stages or input size of another model: say which file, not which setting
         raise CheckpointError(f"{different} ({e}); sparsify this model afresh") from None
     if fingerprint(model, sparse.structure) != data["fingerprint"]:

@@ -4,9 +4,13 @@ and the tuned backbone where the backbone was fine-tuned, tied to its model by a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,3 +88,28 @@ def with_tuned_backbone(model: nn.Module, path) -> nn.Module:
 def load_predictor_metrics(path) -> dict:
     """The calibration record (history, seconds, keep counts) stored in a predictor checkpoint."""
     return json.loads(read_checkpoint(path, FORMAT)["metrics"])
+
+
+def embedded_predictors(path, model: nn.Module) -> dict:
+    """The predictor file at `path` as a record a saved sparse model carries, so that it loads without the file: all
+    of it, a tuned backbone as its difference to `model` (the entries the fine-tune changed)."""
+    data = dict(read_checkpoint(path, FORMAT))
+    backbone = data.pop("backbone", None)
+    if backbone is not None:
+        own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        data["backbone_diff"] = {k: v for k, v in backbone.items() if k not in own or not torch.equal(v, own[k])}
+    return data
+
+
+@contextlib.contextmanager
+def predictor_file(record: dict, model: nn.Module) -> Iterator[str]:
+    """A temporary predictor file holding `record` (`embedded_predictors`'), its tuned backbone rebuilt on `model`'s
+    own state, for the duration of the block: the spot policy reads its predictors from a file."""
+    record = dict(record)
+    diff = record.pop("backbone_diff", None)
+    if diff is not None:
+        record["backbone"] = {**{k: v.detach().cpu() for k, v in model.state_dict().items()}, **diff}
+    with tempfile.TemporaryDirectory(prefix="spot_compile_predictors_") as d:
+        path = Path(d) / "predictors.pt"
+        torch.save(record, path)
+        yield str(path)
