@@ -332,3 +332,30 @@ def test_token_maps_with_fused_tokens_are_refused_up_front(tmp_path):
     result = CliRunner().invoke(main, ["apply", str(model), "--policy", "class-attention", "--fuse", "--data", str(tmp_path),
                                        "--token-maps", str(tmp_path / "maps.png")])
     assert result.exit_code == 2 and "drop --fuse for the maps" in " ".join(result.output.split()), result.output
+
+
+def test_a_raw_pickle_of_any_protocol_gets_spot_compiles_line_not_torchs_advice(tmp_path):
+    import pickle
+
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"raw{protocol}.pt"
+        path.write_bytes(pickle.dumps({"weights": object()}, protocol=protocol))
+        with pytest.raises(CheckpointError) as refused:
+            sc.load(path, small_vit())
+        assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_train_and_val_class_folders_that_differ_are_named(tmp_path):
+    from spot_compile.data.datasets import training_datasets
+
+    for split, classes in (("train", "abc"), ("val", "abd")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / split / c / "0.png")
+    with pytest.raises(DataError, match="only in train/: c; only in val/: d"):
+        training_datasets(tmp_path, 1)
+
+
+def test_an_infinite_coverage_weight_is_refused():
+    result = CliRunner().invoke(main, ["calibrate", "m.py", "--data", ".", "--out", "p.pt", "--coverage", "inf"])
+    assert result.exit_code == 2 and "and finite" in result.output, result.output

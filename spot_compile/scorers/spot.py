@@ -44,8 +44,8 @@ class PredictorConfig:
             raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {self.signals}")
         if self.hidden < 1:
             raise ValueError(f"hidden must be a positive width, got {self.hidden}")
-        if not self.coverage >= 0:
-            raise ValueError(f"coverage must be a weight >= 0, got {self.coverage}")
+        if not 0 <= self.coverage < float("inf"):
+            raise ValueError(f"coverage must be a weight >= 0, and finite; got {self.coverage}")
         if self.anchor and "interaction" not in self.signals:
             raise ValueError("anchor reads the class token's attention from the interaction signal: keep 'interaction' "
                              "among the signals, or turn anchor off")
