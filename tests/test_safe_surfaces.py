@@ -359,3 +359,18 @@ def test_train_and_val_class_folders_that_differ_are_named(tmp_path):
 def test_an_infinite_coverage_weight_is_refused():
     result = CliRunner().invoke(main, ["calibrate", "m.py", "--data", ".", "--out", "p.pt", "--coverage", "inf"])
     assert result.exit_code == 2 and "and finite" in result.output, result.output
+
+
+def test_save_called_as_users_guess_it_names_the_right_call(tmp_path):
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6))
+    with pytest.raises(UsageError, match=r"spot_compile\.save\(sparse, model, 'sparse\.pt'\) \(got a PosixPath as the model\)"):
+        sc.save(sparse, tmp_path / "s.pt")
+
+
+def test_reading_an_image_file_raises_no_warning(tmp_path, recwarn):
+    from spot_compile.data.images import ImageLoader
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "0.png")
+    ImageLoader(1)(str(tmp_path / "0.png"))
+    assert not [w for w in recwarn.list if "writable" in str(w.message)]

@@ -292,7 +292,8 @@ def calibrate(model_file, model_name, factory, data_dir, signals, hidden, covera
     train, val = training_datasets(data_dir, val_size, seed=config.optim.seed, channels=channels)
     run(model, train, val, config, console=console, preprocessing=preprocessing)
     out = config.run.out
-    console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
+    if local_rank() == 0 and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 
 @main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")

@@ -29,7 +29,11 @@ def to_tensor(image, channels: int, where: str = "an image") -> torch.Tensor:
     """A PIL image or a (C, H, W) / (H, W) tensor or array in [0, 1] (uint8: 0-255) as a float (channels, H, W) tensor."""
     if not isinstance(image, (torch.Tensor, np.ndarray)) and hasattr(image, "convert"):  # PIL
         image = _pil_pixels(image, channels, where)
-    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if not isinstance(image, torch.Tensor):
+        pixels = np.asarray(image)
+        # PIL's and a file buffer's arrays are read-only; torch warns about those on every image
+        image = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+    t = image
     if t.dim() == 2:
         t = t.unsqueeze(0)
     elif t.dim() == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):

@@ -17,7 +17,7 @@ from torch import nn
 
 from spot_compile.api import sparsify
 from spot_compile.config import SparsifyConfig
-from spot_compile.errors import BudgetError, CheckpointError, InputSizeError, SpotError, StructureError, first_line
+from spot_compile.errors import BudgetError, CheckpointError, InputSizeError, SpotError, StructureError, UsageError, first_line
 from spot_compile.policies import policy_names
 from spot_compile.serialization.checkpoints import fingerprint, parameter_fingerprint, read_checkpoint
 from spot_compile.serialization.configs import config_from_dict, config_to_dict
@@ -27,8 +27,12 @@ from spot_compile.serialization.predictors import embedded_predictors, predictor
 FORMAT = "spot-compile/sparse/1"
 
 
-def save(sparse, model: nn.Module, path: str | Path) -> None:
-    """Writes `sparse` (a SparseViT made from `model`) to `path`."""
+def save(sparse, model: nn.Module, path: str | Path | None = None) -> None:
+    """Writes `sparse` (a SparseViT made from `model`) to `path`: `save(sparse, model, "sparse.pt")`."""
+    if path is None or not isinstance(model, nn.Module):
+        given = f"a {type(model).__name__} as the model" if not isinstance(model, nn.Module) else "no path"
+        raise UsageError(f"save takes the sparse model, the model it was made from, and the file: "
+                         f"spot_compile.save(sparse, model, 'sparse.pt') (got {given})")
     stages = tuple(s.block for s in sparse.plan.stages)
     # A dense plan (budget 1.0) has no keep counts: None, so that loading it solves the same (empty) schedule.
     config = dataclasses.replace(sparse.config, keep=tuple(s.keep for s in sparse.plan.stages) if stages else None,
