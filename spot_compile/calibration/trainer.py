@@ -481,8 +481,8 @@ class Calibrator:
         cfg, console = self.config, self.console
         tuned = (f"backbone tuned ({'jointly' if cfg.finetune.joint else 'after, through the deployed graph'})"
                  if cfg.finetune.enabled else "backbone frozen")
-        ranked = (f"ranked at budget {cfg.ranking_budget} (keep {list(self.keep)})" if cfg.ranking_budget != cfg.budget
-                  else f"keep {list(self.keep)}")
+        ranked = (f"ranked at budget {cfg.ranking_budget} (patch tokens kept {list(self.keep)})" if cfg.ranking_budget != cfg.budget
+                  else f"patch tokens kept {list(self.keep)}")
         table = Table(title=f"calibration: budget {cfg.budget}, stages {list(self.stages)}, {ranked}, {tuned}")
         for col in ("epoch", "phase", "loss", "CE", "KL", "tokens", "keep-ratio", "val top-1 % (pruned)"):
             table.add_column(col)

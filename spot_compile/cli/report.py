@@ -25,10 +25,11 @@ def blocks_table(structure: ModelStructure) -> Table:
 
 def plan_table(plan: SparsityPlan, latency: tuple[float, float] | None = None) -> Group:
     table = Table(title=f"spot-compile plan: policy {plan.policy}, budget {plan.budget}")
-    for column in ("stage", "before block", "tokens in", "tokens kept"):
+    # Patch tokens are what a budget reduces; the totals add the special tokens (class, registers) and a fused token.
+    for column in ("stage", "before block", "patch tokens kept", "tokens in (all)", "tokens kept (all)"):
         table.add_column(column)
     for i, s in enumerate(plan.stages):
-        table.add_row(str(i + 1), str(s.block), str(s.tokens_in), str(s.tokens_out))
+        table.add_row(str(i + 1), str(s.block), str(s.keep), str(s.tokens_in), str(s.tokens_out))
     lines = [
         f"FLOPs/image: dense {plan.dense_flops / 1e9:.4f} G, sparse {plan.sparse_flops / 1e9:.4f} G, "
         f"ratio {plan.flops_ratio:.3f} (torch FlopCounterMode)"
