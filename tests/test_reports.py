@@ -20,3 +20,26 @@ def test_the_plan_table_labels_patch_tokens_and_totals_apart():
         cells = next(line for line in lines if line.lstrip("│ ").startswith(f"{i} ")).replace("│", " ").split()
         assert cells[:5] == [str(i), str(s.block), str(s.keep), str(s.tokens_in), str(s.tokens_out)]
         assert s.tokens_out == s.keep + 1  # the class token
+
+
+def test_dump_shows_keyword_arguments_and_marks_the_nodes_merging_rewired():
+    from spot_compile.cli.report import dump_graph
+
+    sparse = sc.sparsify(small_vit(), sc.SparsifyConfig(budget=0.7, policy="merge"))
+    lines = dump_graph(sparse.graph_module).plain.splitlines()
+    attention = [line for line in lines if "= aten.scaled_dot_product_attention" in line]
+    assert attention and all(line.startswith("~") and "attn_mask=" in line for line in attention[1:]), attention
+    assert any(line.startswith("+") and "merge_tokens" in line for line in lines)
+
+
+def test_cli_tables_and_dumps_survive_a_pipe(tmp_path):
+    from click.testing import CliRunner
+
+    from spot_compile.cli.main import main
+
+    model = tmp_path / "m.py"
+    model.write_text("from spot_compile.models.vit import ViT\nmodel = ViT(img_size=16, patch_size=2, dim=32, depth=4, heads=2)\n")
+    result = CliRunner().invoke(main, ["apply", str(model), "--budget", "0.6", "--no-latency", "--dump"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "patch tokens kept" in result.output and "tokens kept (all)" in result.output
+    assert max(len(line) for line in result.output.splitlines()) > 80  # nothing folded to the 80 columns of a pipe

@@ -20,8 +20,9 @@ from spot_compile.errors import SpotError
 from spot_compile.passes.soft_pruning import MASK_GRADIENTS
 from spot_compile.policies import policy_class, policy_help, policy_names, stages_help
 
-console = Console()
-err_console = Console(stderr=True)
+# Off a terminal (a pipe, a job's log) rich would cut tables to 80 columns; a wide console keeps every cell whole.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 _FILE_HELP = (
     "MODEL_FILE is a Python file that is executed to build the model (only run files you trust). It must define "
@@ -109,7 +110,7 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @policy_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors (spot-compile calibrate).")
 @click.option("--fuse", is_flag=True, help="Fuse dropped tokens into one extra token (EViT-style).")
-@click.option("--dump", is_flag=True, help="Print the rewritten graph, inserted nodes marked with +.")
+@click.option("--dump", is_flag=True, help="Print the rewritten graph: inserted nodes marked +, the model's nodes rewired to read them ~.")
 @click.option("--dump-file", type=click.Path(path_type=Path), default=None, help="Write the rewritten graph to a file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Save the sparsified model (spot_compile.load).")
 @click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
@@ -151,7 +152,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     timing = quick_latency(model, sparse) if latency else None
     console.print(plan_table(sparse.plan, timing))
     if dump:
-        console.print(dump_graph(sparse.graph_module))
+        console.print(dump_graph(sparse.graph_module), soft_wrap=True)  # a graph line is not wrapped
     if dump_file:
         write_text(dump_file, dump_graph(sparse.graph_module).plain, "--dump-file")
         console.print(f"graph written to {dump_file}")

@@ -56,7 +56,8 @@ def _target(node: Node) -> str:
 
 
 def dump_graph(gm: GraphModule) -> Text:
-    """One line per compute node: `name = op(args)  # shape`; nodes spot-compile inserted are marked with `+`."""
+    """One line per compute node: `name = op(args, key=value)  # shape`; nodes spot-compile inserted are marked `+`,
+    the model's own nodes that now read an inserted one (rewired: the reduced stream, a size bias) `~`."""
     text = Text()
     for node in gm.graph.nodes:
         if node.op in ("get_attr",):
@@ -64,13 +65,16 @@ def dump_graph(gm: GraphModule) -> Text:
         val = node.meta.get("val")
         shape = f"  # {tuple(val.shape)}" if isinstance(val, torch.Tensor) else ""
         inserted = SPOT_TAG in node.meta
+        rewired = not inserted and any(SPOT_TAG in n.meta for n in node.all_input_nodes)
         if node.op == "placeholder":
             line = f"  input {node.name}{shape}"
         elif node.op == "output":
             line = f"  return {_fmt(node.args[0])}"
         else:
-            line = f"{'+' if inserted else ' '} {node.name} = {_target(node)}({', '.join(_fmt(a) for a in node.args)}){shape}"
+            args = [_fmt(a) for a in node.args] + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()]
+            mark = "+" if inserted else "~" if rewired else " "
+            line = f"{mark} {node.name} = {_target(node)}({', '.join(args)}){shape}"
             if inserted:
                 line += f"   [{node.meta[SPOT_TAG]}]"
-        text.append(line + "\n", style="bold green" if inserted else None)
+        text.append(line + "\n", style="bold green" if inserted else "yellow" if rewired else None)
     return text
