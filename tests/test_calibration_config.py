@@ -114,3 +114,18 @@ def test_stages_help_names_each_policys_default():
     text = CliRunner().invoke(main, ["apply", "--help"], terminal_width=400).output
     assert "merge: every block after the first" in " ".join(text.split())
     assert "class-attention: the blocks at 1/4, 1/2 and 3/4 of the depth" in " ".join(text.split())
+
+
+def test_a_calibration_says_how_few_steps_it_has_and_what_the_dense_model_scores():
+    import io
+
+    from rich.console import Console
+
+    train, val = _data()
+    printed = io.StringIO()
+    result = sc.calibrate(small_vit(), train, val, CalibrationConfig.from_flat(budget=0.6, batch_size=4, max_steps=2, compile=False),
+                          console=Console(file=printed, width=300))
+    text = printed.getvalue()
+    assert "warning: 2 optimizer steps per phase (16 training images, batch 4 x 1 process(es), 1 epoch(s))" in text
+    dense = result.checkpoint.metrics["dense_val_top1"]
+    assert f"validation top-1 of the dense model: {dense:.2f}%" in text and f"dense model {dense:.2f}%" in text

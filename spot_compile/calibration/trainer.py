@@ -57,6 +57,9 @@ from spot_compile.serialization.checkpoints import fingerprint
 from spot_compile.serialization.files import check_writable_file
 from spot_compile.serialization.predictors import PredictorCheckpoint, save_predictors
 
+# Fewer optimizer steps than this in a phase draw a warning: the predictors barely leave their initialisation.
+FEW_STEPS = 20
+
 
 @dataclass
 class CalibrationResult:
@@ -298,6 +301,15 @@ class Calibrator:
     def _run(self) -> CalibrationResult:
         cfg, phases = self.config, self.config.phases
         self.console.print(self.preprocessing.describe())  # once every setting and file is accepted, before the first step
+        if self.total < FEW_STEPS:
+            self.console.print(f"[yellow]warning:[/] {self.total} optimizer step{'s' if self.total > 1 else ''} per phase "
+                               f"({len(self.train_data)} training images, batch {cfg.optim.batch_size} x {self.procs.world_size} "
+                               f"process(es), {cfg.optim.epochs} epoch(s)): too few for the predictors to learn much; add "
+                               "images, lower --batch-size or raise --epochs", highlight=False)
+        # The bar to beat: what the model brought scores on the same validation images, before any step.
+        with self.autocast:
+            self.dense_top1 = _top1(self.model, self.val_loader, self.device, self.procs, len(self.val_data))
+        self.console.print(f"validation top-1 of the dense model: {self.dense_top1:.2f}%")
         self.t0 = time.time()
         self.log = RunLog(self.console, self.out.with_suffix(".jsonl") if self.out and self.procs.main else None, self.total * len(phases),
                           cfg.optim.batch_size * self.procs.world_size, resumed=self.resume is not None)
@@ -468,7 +480,8 @@ class Calibrator:
 
     def _metrics(self, seconds: float, differ: float) -> dict:
         cfg = self.config
-        return {"history": self.history, "seconds": seconds, "keep": list(self.keep), "rank_budget": cfg.ranking_budget,
+        return {"history": self.history, "seconds": seconds, "dense_val_top1": self.dense_top1, "keep": list(self.keep),
+                "rank_budget": cfg.ranking_budget,
                 "finetune": cfg.finetune.enabled, "finetune_graph": cfg.finetune.through,
                 "token_distill": cfg.loss.token_distill, "logit_distill": cfg.loss.logit_distill,
                 "world_size": self.procs.world_size, "global_batch": cfg.optim.batch_size * self.procs.world_size,
@@ -483,7 +496,8 @@ class Calibrator:
                  if cfg.finetune.enabled else "backbone frozen")
         ranked = (f"ranked at budget {cfg.ranking_budget} (patch tokens kept {list(self.keep)})" if cfg.ranking_budget != cfg.budget
                   else f"patch tokens kept {list(self.keep)}")
-        table = Table(title=f"calibration: budget {cfg.budget}, stages {list(self.stages)}, {ranked}, {tuned}")
+        table = Table(title=f"calibration: budget {cfg.budget}, stages {list(self.stages)}, {ranked}, {tuned}; "
+                            f"dense model {self.dense_top1:.2f}% on the validation images")
         for col in ("epoch", "phase", "loss", "CE", "KL", "tokens", "keep-ratio", "val top-1 % (pruned)"):
             table.add_column(col)
         for r in self.history:
@@ -509,8 +523,13 @@ class DetachedInputs(nn.Module):
 
 
 def _shared_accuracy(model, batches, device: torch.device, procs: Processes, total: int) -> float:
-    """Top-1 % over the whole validation set, each process counting its own share."""
-    return 100.0 * int(procs.sum(top1_correct(model, reraised(batches), device))) / total
+    """Top-1 % of the pruned model over the whole validation set, each process counting its own share."""
+    return _top1(model, batches, device, procs, total)
+
+
+def _top1(model, batches, device: torch.device, procs: Processes, total: int) -> float:
+    with torch.no_grad():
+        return 100.0 * int(procs.sum(top1_correct(model, reraised(batches), device))) / total
 
 
 def _check_data(train: Dataset, val: Dataset, batch_size: int, world_size: int) -> None:
