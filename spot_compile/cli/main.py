@@ -27,7 +27,8 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 _FILE_HELP = (
     "MODEL_FILE is a Python file that is executed to build the model (only run files you trust). It must define "
     "a module-level `model`, or exactly one nn.Module instance or nn.Module subclass, or name one with --model / "
-    "--factory."
+    "--factory. MODEL_FILE may instead name a model: timm:NAME (timm's architecture, random weights, or yours with "
+    "--checkpoint FILE) or hf:DIR (a local save_pretrained folder); nothing is downloaded."
 )
 
 
@@ -79,26 +80,28 @@ def normalization_options(f):
 
 def model_options(f):
     f = click.option("--input-size", type=int, default=None, help="Image side; default: what the model declares.")(f)
+    f = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="Weights for a timm:NAME model (a state dict file; read with weights_only=True).")(f)
     f = click.option("--factory", default=None, help="Function in MODEL_FILE that returns the model.")(f)
     f = click.option("--model", "model_name", default=None, help="Name of the model object or class in MODEL_FILE.")(f)
     return click.argument("model_file", type=click.Path(path_type=Path))(f)
 
 
-def _load(model_file: Path, model_name, factory) -> torch.nn.Module:
+def _load(model_file: Path, model_name, factory, checkpoint=None) -> torch.nn.Module:
     from spot_compile.cli.userfile import load_model_file
 
-    return load_model_file(model_file, model_name, factory)
+    return load_model_file(model_file, model_name, factory, checkpoint)
 
 
 @main.command(help=f"Find the attention blocks of a model without rewriting it. {_FILE_HELP}")
 @model_options
-def inspect(model_file, model_name, factory, input_size) -> None:
+def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
     from spot_compile.cli.report import blocks_table
     from spot_compile.graph.blocks import find_blocks
     from spot_compile.graph.capture import capture
     from spot_compile.graph.inputs import example_input
 
-    model = _load(model_file, model_name, factory)
+    model = _load(model_file, model_name, factory, checkpoint)
     structure = find_blocks(capture(model, example_input(model, input_size)))
     console.print(blocks_table(structure))
 
@@ -124,7 +127,7 @@ def inspect(model_file, model_name, factory, input_size) -> None:
 @click.option("--token-maps", type=click.Path(path_type=Path), default=None,
               help="With --data: draw the tokens kept at each stage over 6 of the images (PNG; policies that drop tokens).")
 @normalization_options
-def apply(model_file, model_name, factory, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
+def apply(model_file, model_name, factory, checkpoint, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
           export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
     from spot_compile import SparsifyConfig, save, sparsify
     from spot_compile.cli.bench import quick_latency
@@ -145,7 +148,7 @@ def apply(model_file, model_name, factory, input_size, budget, stages, policy, p
     if token_maps is not None and policy_class(policy).reduction != "drop":
         raise click.BadParameter(f"shows which tokens a dropping policy keeps; policy {policy!r} keeps every patch "
                                  "inside merged tokens: choose --policy class-attention or spot", param_hint="--token-maps")
-    model = _load(model_file, model_name, factory)
+    model = _load(model_file, model_name, factory, checkpoint)
     evaluation = _evaluation_data(model, data_dir, input_size, eval_images, mean, std) if data_dir is not None else None
     with console.status("capturing and rewriting the graph"):
         sparse = sparsify(model, config)
@@ -264,7 +267,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
               help="Training augmentation (default: what the model declares in pretrained_cfg['train_augment'], else "
                    "random-resized-crop).")
 @normalization_options
-def calibrate(model_file, model_name, factory, data_dir, signals, hidden, coverage, val_size, no_compile, freeze_backbone,
+def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hidden, coverage, val_size, no_compile, freeze_backbone,
               augment, mean, std, **settings) -> None:
     from spot_compile.calibration.distributed import local_rank, resolve_device
     from spot_compile.calibration.trainer import calibrate as run
@@ -286,7 +289,7 @@ def calibrate(model_file, model_name, factory, data_dir, signals, hidden, covera
     settings["stages"] = _stages(settings["stages"])
     config = CalibrationConfig.from_flat(**settings, predictor=predictor, compile=not no_compile, finetune=not freeze_backbone)
     check_writable_file(config.run.out, "--out")
-    model = _load(model_file, model_name, factory)
+    model = _load(model_file, model_name, factory, checkpoint)
     _, channels, height, width = example_input(model, config.input_size).shape
     preprocessing = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"),
                                         std=parse_values(std, "--std"), augment=augment)
@@ -312,7 +315,7 @@ def calibrate(model_file, model_name, factory, data_dir, signals, hidden, covera
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Write latency_<file>.json, .md and speedup_<file>.png here.")
-def bench(model_file, model_name, factory, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
+def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
           out_dir) -> None:
     from spot_compile.cli.bench import DEFAULT_MODES, MODES, report, run_bench
     from spot_compile.config import SparsifyConfig
@@ -338,7 +341,7 @@ def bench(model_file, model_name, factory, input_size, budgets, batches, modes, 
         SparsifyConfig(budget=b)
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = {"policy": policy, "predictors": str(predictors) if predictors else None}
-    model = _load(model_file, model_name, factory).to(device)
+    model = _load(model_file, model_name, factory, checkpoint).to(device)
     rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)
     report(rows, model_file.stem, out_dir, console, repeats, warmup, policy, device)
 

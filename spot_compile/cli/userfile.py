@@ -1,6 +1,8 @@
-"""Loading a model from a user's Python file. This runs the file's code, as `python FILE` would.
+"""Loading the model a command names: a user's Python file (this runs the file's code, as `python FILE` would),
+`timm:NAME` (timm's architecture, randomly initialised, or with `--checkpoint FILE`'s weights: nothing is
+downloaded) or `hf:DIR` (a Hugging Face image classifier saved locally with `save_pretrained`).
 
-Which model is taken, in order:
+Which model a file gives, in order:
   1. `--factory FUNC`: the result of calling `FUNC()`;
   2. `--model NAME`: the object `NAME` (an nn.Module instance, or a class or function called with no arguments);
   3. a module-level variable named `model`;
@@ -21,7 +23,19 @@ from torch import nn
 from spot_compile.errors import ModelFileError
 
 
-def load_model_file(path: str | Path, model: str | None = None, factory: str | None = None) -> nn.Module:
+def load_model_file(path: str | Path, model: str | None = None, factory: str | None = None,
+                    checkpoint: str | Path | None = None) -> nn.Module:
+    """The model `path` names (a file, `timm:NAME` or `hf:DIR`); `checkpoint`: weights for a timm model."""
+    text = str(path)
+    if text.startswith("timm:"):
+        return _timm_model(text[len("timm:"):], checkpoint)
+    if text.startswith("hf:"):
+        if checkpoint is not None:
+            raise ModelFileError("--checkpoint gives a timm model its weights; an hf:DIR folder holds its own")
+        return _hf_model(Path(text[len("hf:"):]))
+    if checkpoint is not None:
+        raise ModelFileError("--checkpoint gives a named timm model its weights (timm:NAME --checkpoint FILE); a model "
+                             "file builds and loads its own")
     module = _run_file(Path(path))
     if factory:
         fn = getattr(module, factory, None)
@@ -54,9 +68,49 @@ def load_model_file(path: str | Path, model: str | None = None, factory: str | N
     )
 
 
+def _timm_model(name: str, checkpoint) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ModelFileError("naming a timm model needs timm: pip install timm") from None
+    if not name or name.split(".")[0] not in timm.list_models():
+        raise ModelFileError(f"timm has no model {name!r}; name one as timm:deit_tiny_patch16_224 "
+                             "(python -c \"import timm; print(timm.list_models('deit*'))\" lists them)")
+    model = timm.create_model(name, pretrained=False)  # nothing is downloaded: weights come from --checkpoint
+    if checkpoint is not None:
+        from spot_compile.serialization.checkpoints import load_tensors
+
+        state = load_tensors(checkpoint)
+        for key in ("state_dict", "model", "state"):  # training scripts nest the weights under one of these
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{checkpoint} does not hold timm {name}'s weights ({str(e).splitlines()[0][:160]}); "
+                                 "pass the checkpoint of that architecture") from None
+    return model.eval()
+
+
+def _hf_model(folder: Path) -> nn.Module:
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(f"hf:{folder} is not a folder written by save_pretrained (no config.json there); name a "
+                             "local folder: nothing is downloaded")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelFileError("naming a Hugging Face model needs transformers: pip install transformers") from None
+    try:
+        return transformers.AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"hf:{folder} cannot be loaded as an image classifier ({str(e).splitlines()[0][:160]})") from None
+
+
 def _run_file(path: Path):
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        named = path.suffix != ".py" and "/" not in str(path)
+        hint = f"; to name a model, write timm:{path} or hf:FOLDER" if named else ""
+        raise ModelFileError(f"model file not found: {path}{hint}")
     name = f"spot_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
