@@ -66,7 +66,8 @@ def this_run(seed) -> dict:
 
 
 def _commit(path: Path | None = None) -> str | None:
-    args = ["git", "log", "--follow", "-1", "--format=%h", "--", str(path)] if path else ["git", "rev-parse", "--short", "HEAD"]
+    # the last commit that wrote the file, not one that only moved it
+    args = ["git", "log", "--follow", "--diff-filter=AM", "-1", "--format=%h", "--", str(path)] if path else ["git", "rev-parse", "--short", "HEAD"]
     try:
         out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -85,18 +86,29 @@ def manifest_from_history(folder: Path) -> dict:
     """The manifest of a results folder whose files did not record their runs: per results file, the last commit that
     wrote it, the command its Markdown file quotes (`python -m ...` or `python recipes/...`), and its stored seed."""
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
-    for result in sorted(folder.glob("*.json")):
+    default = _study_command(folder.name)
+    for result in sorted([*folder.glob("*.json"), *folder.glob("*.log")]):
         if result.name == MANIFEST or result.stem in manifest:
             continue
-        stored = json.loads(result.read_text())
+        stored = json.loads(result.read_text()) if result.suffix == ".json" else {}
         md = result.with_suffix(".md")
         quoted = re.search(r"`((?:\.venv/bin/)?python3? (?:-m [\w.]+|recipes/\w+\.py)[^`]*)`", md.read_text()) if md.is_file() else None
         words = quoted.group(1).split() if quoted else []
         command = " ".join(words[:3]) if words[1:2] == ["-m"] else " ".join(words[:2])
-        manifest[result.stem] = {"command": command or None, "arguments": words[3 if words[1:2] == ["-m"] else 2:] or None,
+        manifest[result.stem] = {"command": command or default, "arguments": words[3 if words[1:2] == ["-m"] else 2:] or None,
                                  "commit": _commit(result), "seed": stored.get("seed") if isinstance(stored, dict) else None,
                                  "date": stored.get("date") if isinstance(stored, dict) else None}
     return dict(sorted(manifest.items()))
+
+
+def _study_command(study: str) -> str | None:
+    """How the study a results folder is named after is run (a benchmark, a research study or a recipe)."""
+    root = Path(__file__).resolve().parents[1]
+    for package in ("benchmarks", "research"):
+        if (root / package / f"{study}.py").is_file():
+            return f"python -m {package}.{study}"
+    recipe = {"calibrate_shipped": "calibrate_shipped", "train_dense": "train_dense"}.get(study)
+    return f"python recipes/{recipe}.py" if recipe else None
 
 
 def main() -> None:
