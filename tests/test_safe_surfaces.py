@@ -374,3 +374,18 @@ def test_reading_an_image_file_raises_no_warning(tmp_path, recwarn):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "0.png")
     ImageLoader(1)(str(tmp_path / "0.png"))
     assert not [w for w in recwarn.list if "writable" in str(w.message)]
+
+
+def test_images_per_class_are_counted_from_the_labels_of_every_kind_of_data(tmp_path):
+    from spot_compile.data.datasets import training_datasets
+    from spot_compile.data.imageset import as_dataset, images_per_class
+
+    for c, n in (("cat", 3), ("dog", 5)):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "tree" / c / f"{i}.png")
+    train, val = training_datasets(tmp_path / "tree", 2)
+    together = {k: images_per_class(train).get(k, 0) + images_per_class(val).get(k, 0) for k in ("cat", "dog")}
+    assert together == {"cat": 3, "dog": 5} and sum(images_per_class(train).values()) == 6
+    memory = ImageSet(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 1]), ("a", "b"))
+    assert images_per_class(as_dataset(memory)) == {"a": 1, "b": 3}

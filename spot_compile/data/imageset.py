@@ -30,6 +30,30 @@ def classes_of(data: Dataset) -> tuple[str, ...] | None:
     return tuple(classes) if classes is not None else None
 
 
+def images_per_class(data: Dataset) -> dict[str, int]:
+    """How many of `data`'s images each class has (by name where the data names its classes), read from its labels
+    without decoding an image."""
+    indices = None
+    base = data
+    while isinstance(base, Subset):
+        indices = [base.indices[i] for i in indices] if indices is not None else list(base.indices)
+        base = base.dataset
+    labels = getattr(base, "targets", None)
+    if labels is None:
+        labels = getattr(base, "labels", None)
+    if labels is None and isinstance(getattr(base, "data", None), ImageSet):
+        labels = base.data.labels
+    labels = [int(y) for y in labels] if labels is not None else [int(base[i][1]) for i in range(len(base))]
+    if indices is not None:
+        labels = [labels[i] for i in indices]
+    names = classes_of(data) or ()
+    counts: dict[str, int] = {}
+    for y in sorted(labels):
+        name = names[y] if y < len(names) else str(y)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def as_dataset(data) -> Dataset:
     """An ImageSet (images already in memory) or any Dataset of (image, label) pairs."""
     return _ImageSetDataset(data) if isinstance(data, ImageSet) else data
