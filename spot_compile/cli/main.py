@@ -295,12 +295,13 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
     preprocessing = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"),
                                         std=parse_values(std, "--std"), augment=augment)
     train, val = training_datasets(data_dir, val_size, seed=config.optim.seed, channels=channels)
-    counts = images_per_class(train)
-    console.print(f"{len(train)} training images ({', '.join(f'{c} {n}' for c, n in counts.items())}), {len(val)} for validation",
-                  highlight=False)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        counts = images_per_class(train)
+        console.print(f"{len(train)} training images ({', '.join(f'{c} {n}' for c, n in counts.items())}), {len(val)} for "
+                      "validation", highlight=False)
     run(model, train, val, config, console=console, preprocessing=preprocessing)
     out = config.run.out
-    if local_rank() == 0 and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
         console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 
