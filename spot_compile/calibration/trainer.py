@@ -41,7 +41,7 @@ from spot_compile.calibration.resume import RunLock, data_identity, read_partial
 from spot_compile.calibration.runlog import RunLog
 from spot_compile.calibration.schedule import cosine_lr
 from spot_compile.config import SparsifyConfig
-from spot_compile.data.imageset import ImageSet, as_dataset, classes_of
+from spot_compile.data.imageset import ImageSet, as_dataset, classes_of, images_per_class
 from spot_compile.data.loading import Prepared, SeededSampler, loader, reraised
 from spot_compile.data.preprocessing import Preprocessing, model_preprocessing
 from spot_compile.data.transforms import EvalTransform, TrainTransform
@@ -300,7 +300,10 @@ class Calibrator:
 
     def _run(self) -> CalibrationResult:
         cfg, phases = self.config, self.config.phases
-        self.console.print(self.preprocessing.describe())  # once every setting and file is accepted, before the first step
+        # once every setting and file is accepted, before the first step
+        counts = ", ".join(f"{c} {n}" for c, n in images_per_class(self.train_data).items())
+        self.console.print(f"{len(self.train_data)} training images ({counts}), {len(self.val_data)} for validation", highlight=False)
+        self.console.print(self.preprocessing.describe())
         if self.total < FEW_STEPS:
             self.console.print(f"[yellow]warning:[/] {self.total} optimizer step{'s' if self.total > 1 else ''} per phase "
                                f"({len(self.train_data)} training images, batch {cfg.optim.batch_size} x {self.procs.world_size} "

@@ -272,7 +272,6 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
     from spot_compile.calibration.distributed import local_rank, resolve_device
     from spot_compile.calibration.trainer import calibrate as run
     from spot_compile.data.datasets import training_datasets
-    from spot_compile.data.imageset import images_per_class
     from spot_compile.data.preprocessing import model_preprocessing, parse_values
     from spot_compile.graph.inputs import example_input
     from spot_compile.scorers.spot import PredictorConfig
@@ -295,10 +294,6 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
     preprocessing = model_preprocessing(model, channels, (height, width), mean=parse_values(mean, "--mean"),
                                         std=parse_values(std, "--std"), augment=augment)
     train, val = training_datasets(data_dir, val_size, seed=config.optim.seed, channels=channels)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
-        counts = images_per_class(train)
-        console.print(f"{len(train)} training images ({', '.join(f'{c} {n}' for c, n in counts.items())}), {len(val)} for "
-                      "validation", highlight=False)
     run(model, train, val, config, console=console, preprocessing=preprocessing)
     out = config.run.out
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
