@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +390,19 @@ def test_images_per_class_are_counted_from_the_labels_of_every_kind_of_data(tmp_
     assert together == {"cat": 3, "dog": 5} and sum(images_per_class(train).values()) == 6
     memory = ImageSet(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 1]), ("a", "b"))
     assert images_per_class(as_dataset(memory)) == {"a": 1, "b": 3}
+
+
+def test_the_dense_recipe_refuses_a_bad_partial_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from spot_compile.data.fashion_mnist import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    out = tmp_path / "m.pt"
+    out.with_suffix(".partial").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "recipes.train_dense", "--out", str(out), "--epochs", "1", "--amp", "off"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "delete" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
