@@ -92,8 +92,8 @@ def main() -> None:
         model = timm.create_model(f"{args.model}_patch16_224", pretrained=False).eval()
         structure = find_blocks(capture(model, example_input(model, None)))
         stages = default_stages(len(structure.blocks))
-        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, policy="spot", stages=stages),
-                           scorers=make_predictors(structure, stages, PredictorConfig()))
+        spot = sc.sparsify(model, sc.SparsifyConfig(budget=args.budget, stages=stages,
+                                                    policy=sc.GivenScorersConfig(make_predictors(structure, stages, PredictorConfig()))))
     shape = spot.plan.input_shape[1:]
     stages = tuple(s.block for s in spot.plan.stages)
     keep = tuple(s.keep for s in spot.plan.stages)
@@ -101,14 +101,14 @@ def main() -> None:
     graphs = {
         "dense": sc.sparsify(model, sc.SparsifyConfig(budget=1.0)),
         "spot": spot,
-        "bare pruning": sc.sparsify(model, sc.SparsifyConfig(**same), scorers={s: FreeScorer() for s in stages}),
+        "bare pruning": sc.sparsify(model, sc.SparsifyConfig(**same, policy=sc.GivenScorersConfig({s: FreeScorer() for s in stages}))),
         "class attention": sc.sparsify(model, sc.SparsifyConfig(policy="class-attention", **same)),
     }
     if args.split:
         # The pruning pass emits `_zero_descriptor` wherever it would emit the descriptor taps.
         with mock.patch.object(ops, "interaction_descriptor", _zero_descriptor):
             predictors = {s: spot.scorers[f"spot_scorer_{s}"] for s in stages}  # the same modules, timing only
-            graphs["spot without descriptor"] = sc.sparsify(model, sc.SparsifyConfig(**same), scorers=predictors)
+            graphs["spot without descriptor"] = sc.sparsify(model, sc.SparsifyConfig(**same, policy=sc.GivenScorersConfig(predictors)))
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with Progress(console=console) as progress:

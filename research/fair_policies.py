@@ -245,8 +245,8 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
         # The predictors were calibrated on the frozen backbone; now the backbone gets the fine-tune every
         # training-free arm gets, through the deployed sparse graph with those predictors fixed.
         ckpt = result.checkpoint
-        sparse = sc.sparsify(model, sc.SparsifyConfig(budget=args.tune_budget, policy="spot", stages=stages),
-                             scorers=ckpt.predictors)
+        sparse = sc.sparsify(model, sc.SparsifyConfig(budget=args.tune_budget, stages=stages,
+                                                          policy=sc.GivenScorersConfig(ckpt.predictors)))
         tune_through(sparse.graph_module, model, train, args.steps, args.backbone_lr, args.seed, args.compile, console)
         ckpt.backbone = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ckpt.metrics["seconds"] = time.time() - t0

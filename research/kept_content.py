@@ -75,8 +75,8 @@ def main() -> None:
     for name, path in selections:
         learned = load_predictor_checkpoint(path, model, structure).predictors if path else None
         for budget in budgets:
-            config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot" if path else "class-attention")
-            sparse = sc.sparsify(model, config, scorers=learned)
+            config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=sc.GivenScorersConfig(learned) if path else "class-attention")
+            sparse = sc.sparsify(model, config)
             with torch.no_grad():
                 kept = kept_patches(sparse, probe)
             per_stage = [shares(kinds, k) for k in kept]

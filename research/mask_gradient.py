@@ -101,8 +101,8 @@ def main() -> None:
             metrics = load_predictor_metrics(path) if path else {}
             seconds = float(metrics.get("seconds", 0.0))
             for budget in budgets:
-                config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot" if path else "class-attention")
-                sparse = sc.sparsify(model, config, scorers=learned)
+                policy = sc.GivenScorersConfig(learned) if path else "class-attention"
+                sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES, policy=policy))
                 rows.append({"selection": "spot" if path else "class-attention", "mask_gradient": gradient if path else None,
                              "calibrated_at": at, "budget": budget,
                              **measure_selection(sparse, test, probe, boxes, model.cfg.patch_size),

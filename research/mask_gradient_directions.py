@@ -94,7 +94,7 @@ def main() -> None:
         states = {"at start": make_predictors(structure, STAGES, PredictorConfig(hidden=HIDDEN)),
                   "calibrated (block)": load_predictor_checkpoint(calibrated, model, structure).predictors}
         for state, predictors in states.items():
-            plan = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot"), scorers=predictors).plan
+            plan = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES, policy=sc.GivenScorersConfig(predictors))).plan
             keep = tuple(s.keep for s in plan.stages)
             for mode in MASK_GRADIENTS:
                 for stage, groups in pushes(model, captured, predictors, keep, x, y, teacher, inside, mode).items():

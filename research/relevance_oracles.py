@@ -146,8 +146,8 @@ def main() -> None:
             for name in ("class attention at the stage", *oracles):
                 scorer = OracleScorer()
                 if name in ORACLES:
-                    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES, policy="spot"),
-                                         scorers={s: scorer for s in STAGES})
+                    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES,
+                                                                       policy=sc.GivenScorersConfig({s: scorer for s in STAGES})))
                 else:
                     sparse = sc.sparsify(model, sc.SparsifyConfig(budget=budget, stages=STAGES, policy="class-attention"))
                 correct = kept_box = kept_all = in_box = start = 0

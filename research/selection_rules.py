@@ -142,7 +142,7 @@ def main() -> None:
         task = progress.add_task("selection rules", total=len(backbones) * (len(RULES) + 1) + 1)
         for bname, backbone in backbones.items():
             scorer = PositionScores(1)
-            sparse = sc.sparsify(backbone, sc.SparsifyConfig(keep=keep, stages=stages), scorers={s: scorer for s in stages})
+            sparse = sc.sparsify(backbone, sc.SparsifyConfig(keep=keep, stages=stages, policy=sc.GivenScorersConfig({s: scorer for s in stages})))
             results["no pruning"][bname] = accuracy(backbone, val)
             progress.advance(task)
             for rule in RULES:

@@ -71,8 +71,8 @@ def main() -> None:
             structure = find_blocks(capture(backbone, example_input(backbone, None)))
             learned = load_predictor_checkpoint(predictors, backbone, structure).predictors if predictors else None
             for budget in budgets:
-                config = sc.SparsifyConfig(budget=budget, stages=STAGES, policy=selection)
-                sparse = sc.sparsify(backbone, config, scorers=learned)
+                policy = sc.GivenScorersConfig(learned) if learned else selection
+                sparse = sc.sparsify(backbone, sc.SparsifyConfig(budget=budget, stages=STAGES, policy=policy))
                 rows.append({"backbone": name, "selection": selection, "predictors": predictors.name if predictors else None,
                              "budget": budget, **measure_selection(sparse, test, probe, boxes, backbone.cfg.patch_size)})
                 progress.advance(task)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from spot_compile.measure.timing import median_pair
 from spot_compile.planning.budget import schedule_cost, solve_keep
 from spot_compile.planning.build import build_sparse
 from spot_compile.planning.plan import SparsityPlan, Stage
-from spot_compile.policies import GivenScorers, TokenPolicy, policy_class
+from spot_compile.policies import TokenPolicy, policy_class
+from spot_compile.policy_configs import GivenScorersConfig
 
 logger = logging.getLogger("spot_compile")
 
@@ -151,8 +154,8 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
 
     The model's own parameters are used, not copied (except with predictors calibrated with a tuned backbone: then
     a copy of the model carries that backbone, and `model` is left as it was). Raises a `SpotError` subclass, with a message that says what
-    to change, for any input it cannot handle. `scorers` (stage -> module) overrides the policy's scorers; the
-    calibration recipe uses it to evaluate predictors while it trains them.
+    to change, for any input it cannot handle. `scorers` (stage -> module) is the older spelling of
+    `SparsifyConfig(policy=GivenScorersConfig(scorers))` (deprecated).
     """
     if not isinstance(model, nn.Module):
         hint = " (a model file is for the command line: spot-compile apply FILE)" if isinstance(model, (str, Path)) else ""
@@ -161,14 +164,16 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
         hint = f": sparsify(model, SparsifyConfig(budget={config!r}))" if isinstance(config, (int, float)) else ""
         raise UsageError(f"sparsify's second argument is a SparsifyConfig, got a {type(config).__name__}{hint}")
     config = config or SparsifyConfig()
-    if scorers is None:
-        model = policy_class(config.policy).prepare_model(config, model)
+    if scorers is not None:
+        warnings.warn("sparsify(model, config, scorers=S) is deprecated; pass SparsifyConfig(policy=GivenScorersConfig(S), ...)",
+                      DeprecationWarning, stacklevel=2)
+        config = dataclasses.replace(config, policy=GivenScorersConfig(scorers=scorers, fuse=config.fuse_pruned), predictors=None)
+    model = policy_class(config.policy).prepare_model(config, model)
     example = example_input(model, config.input_size)
     captured = capture(model, example)
     structure = find_blocks(captured)
     depth = len(structure.blocks)
-    policy: TokenPolicy = (GivenScorers(config, model, structure, scorers) if scorers is not None
-                           else policy_class(config.policy)(config, model, structure))
+    policy: TokenPolicy = policy_class(config.policy)(config, model, structure)
     stages = config.stages or policy.fixed_stages or policy.default_stages(depth)
     for s in stages:
         structure.check_stage(s, BudgetError)

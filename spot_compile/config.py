@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from spot_compile.errors import BudgetError, InputSizeError
-from spot_compile.policies import policy_class, policy_names
+from spot_compile.policy_configs import PolicyConfig, config_type_named, unknown_policy
 
 # The best training-free policy measured on the shipped model (docs/results/policies/policies.md: merging stays within 0.3
 # points of dense down to FLOPs 0.5, class attention loses 8.6 points at 0.6).
@@ -20,14 +20,17 @@ class SparsifyConfig:
         model dense (bit-for-bit the captured graph).
     stages: block indices (0-based) in front of which tokens are reduced. Default: the policy's (every block after
         the first for "merge", as ToMe; the blocks at 1/4, 1/2 and 3/4 of the depth for the others, as DynamicViT/SPOT).
-    policy: how tokens are reduced, a name in the policy registry (`spot_compile.policies`): "merge" (the default:
-        ToMe-style merging, training-free), "class-attention" (training-free, EViT-like), "random" (a baseline) or
-        "spot" (learned SPOT predictors; pass `predictors`).
+    policy: how tokens are reduced: a policy's config (`spot_compile.policy_configs`: `MergeConfig()`,
+        `SpotConfig(predictors=...)`, ...) or its name in the policy registry: "merge" (the default: ToMe-style
+        merging, training-free), "class-attention" (training-free, EViT-like), "random" (a baseline) or "spot"
+        (learned SPOT predictors; pass `predictors`). Read back, it is always the name; the config with its
+        settings is `policy_config`.
     keep: explicit kept patch-token counts per stage; overrides `budget` when given.
-    fuse_pruned: average the dropped tokens into one extra token (EViT-style) instead of discarding them (policies
-        that drop tokens).
+    fuse_pruned: shorthand for the dropping policies' `fuse` setting: average the dropped tokens into one extra
+        token (EViT-style) instead of discarding them.
     input_size: image side (or (H, W)) of the example input; default read from the model where it declares one.
-    predictors: path to a calibrated predictor checkpoint (policy "spot").
+    predictors: shorthand for `SpotConfig(predictors=...)`: path to a calibrated predictor checkpoint.
+    policy_config: set from the above (pass `policy=SomeConfig(...)` rather than this).
     """
 
     budget: float = 0.6
@@ -38,16 +41,14 @@ class SparsifyConfig:
     input_size: int | tuple[int, int] | None = None
     predictors: str | None = None
     tolerance: float = field(default=0.02, repr=False)
+    policy_config: PolicyConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.budget = flops_fraction(self.budget, "budget")
-        if not isinstance(self.policy, str) or self.policy not in policy_names():
-            raise BudgetError(f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}")
-        if self.predictors is not None and not policy_class(self.policy).calibrated:
-            raise BudgetError(f"predictors (--predictors) are read by policy 'spot', not by {self.policy!r}: drop them, or "
-                              "choose --policy spot")
-        if self.fuse_pruned and not policy_class(self.policy).fusable:
-            raise BudgetError(f"fuse_pruned (--fuse) applies to policies that drop tokens, not to {self.policy!r}")
+        self.policy_config = self._policy_settings()
+        self.policy = self.policy_config.name
+        self.fuse_pruned = getattr(self.policy_config, "fuse", False)
+        self.predictors = getattr(self.policy_config, "predictors", None)
         if self.stages is not None:
             self.stages = tuple(sorted(set(_whole_numbers(self.stages, "stages", "block indices, e.g. (3, 6, 9)"))))
             if not self.stages:
@@ -66,8 +67,44 @@ class SparsifyConfig:
         if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < 1):
             raise BudgetError(f"tolerance must be a fraction in (0, 1), got {self.tolerance!r}")
 
+    def _policy_settings(self) -> PolicyConfig:
+        """The policy's config, with the flat shorthands (`fuse_pruned`, `predictors`) set in it. Given a config
+        object, a shorthand that says otherwise is refused; given a name, the shorthands are the settings (which is
+        also how `dataclasses.replace(config, predictors=...)` changes them)."""
+        given, flat = self.policy, {"fuse": self.fuse_pruned, "predictors": self.predictors}
+        defaults = {"fuse": False, "predictors": None}
+        if isinstance(given, PolicyConfig):
+            base = given
+        elif (named := config_type_named(given)) is not None:
+            kept = self.policy_config
+            base = kept if isinstance(kept, PolicyConfig) and kept.name == given else named()
+        else:
+            raise BudgetError(unknown_policy(given))
+        names = {f.name for f in fields(base)}
+        updates = {}
+        for key, value in flat.items():
+            if key not in names:
+                if value != defaults[key]:
+                    raise BudgetError(_NOT_READ[key].format(policy=base.name))
+            elif isinstance(given, PolicyConfig):
+                if value != defaults[key] and value != getattr(base, key):
+                    raise BudgetError(f"{_FLAT[key]} is {value!r} but the policy's config says {getattr(base, key)!r}; give it once")
+            elif value != getattr(base, key):
+                updates[key] = value
+        return replace(base, **updates) if updates else base
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as plain values: the policy's config as a dict of its own fields."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "policy_config"}
+        out["policy_config"] = self.policy_config.settings()
+        return out
+
+
+_FLAT = {"fuse": "fuse_pruned (--fuse)", "predictors": "predictors (--predictors)"}
+_NOT_READ = {
+    "fuse": "fuse_pruned (--fuse) applies to policies that drop tokens, not to {policy!r}",
+    "predictors": "predictors (--predictors) are read by policy 'spot', not by {policy!r}: drop them, or choose --policy spot",
+}
 
 
 def flops_fraction(value, name: str) -> float:

@@ -40,7 +40,7 @@ def calibration_and_pruned_graphs(model, stages, keep, predictors, mask_gradient
 
     mask_gradient = mask_gradient or MASK_GRADIENTS[0]
     captured = capture(model, example_input(model, None))
-    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy=sc.GivenScorersConfig(predictors)))
     student, keepers = build_calibration_graph(captured, stages, keep, predictors, mask_gradient=mask_gradient)
     student.eval()
     for k in keepers.values():

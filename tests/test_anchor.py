@@ -24,7 +24,7 @@ def test_an_anchored_predictor_starts_as_class_attention(overrides):
     model = small_vit(**overrides)
     structure = find_blocks(capture(model, example_input(model, None)))
     anchored = make_predictors(structure, STAGES, PredictorConfig(hidden=16, anchor=True))
-    spot = sc.sparsify(model, sc.SparsifyConfig(keep=KEEP, stages=STAGES, policy="spot"), scorers=anchored)
+    spot = sc.sparsify(model, sc.SparsifyConfig(keep=KEEP, stages=STAGES, policy=sc.GivenScorersConfig(anchored)))
     evit = sc.sparsify(model, sc.SparsifyConfig(keep=KEEP, stages=STAGES, policy="class-attention"))
     x = torch.randn(8, 1, 16, 16)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_an_anchored_calibration_graph_equals_hard_pruning_and_the_checkpoint_ke
     save_predictors(out, PredictorCheckpoint(predictors, STAGES, 0.6, config), model, structure)
     loaded = load_predictor_checkpoint(out, model, structure)
     assert loaded.config.anchor and all(float(p.anchor_scale) == 2.0 for p in loaded.predictors.values())
-    reloaded = sc.sparsify(model, sc.SparsifyConfig(keep=KEEP, stages=STAGES, policy="spot"), scorers=loaded.predictors)
+    reloaded = sc.sparsify(model, sc.SparsifyConfig(keep=KEEP, stages=STAGES, policy=sc.GivenScorersConfig(loaded.predictors)))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), sparse(x))
 

@@ -121,7 +121,7 @@ def test_the_token_positions_compile_where_inductor_lowers_cat_pointwise():
     structure = find_blocks(capture(model, example_input(model, None)))
     stages = (1, 2)  # the second stage reads positions carried through the first prune: the failing pattern
     predictors = make_predictors(structure, stages, PredictorConfig(hidden=16, coverage=2.0))
-    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 25), stages=stages, policy="spot"), scorers=predictors)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=(40, 25), stages=stages, policy=sc.GivenScorersConfig(predictors)))
     x = torch.randn(3, 1, 16, 16)
     with torch._inductor.config.patch(force_pointwise_cat=True), torch.no_grad():
         compiled = sparse.compiled(verify=False, dynamic=False, batch=3)

@@ -42,7 +42,7 @@ def test_a_dominant_prior_keeps_the_farthest_point_prefix_at_every_stage(overrid
     structure = find_blocks(capture(model, example_input(model, None)))
     stages, keep = (1, 2, 3), (40, 25, 12)
     predictors = make_predictors(structure, stages, PredictorConfig(hidden=16, coverage=1e4))
-    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=predictors)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy=sc.GivenScorersConfig(predictors)))
     graph = sparse.graph_module.graph
     # Positions are emitted once and each stage's carry continues the previous one: one gather per prune in between.
     assert sum(n.target is ops.token_positions for n in graph.nodes) == 1
@@ -72,15 +72,15 @@ def test_calibration_graph_with_a_prior_equals_hard_pruning_and_the_checkpoint_k
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(student(x), sparse(x), atol=1e-5, rtol=1e-4)
-        without = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"),
-                              scorers=make_predictors(structure, stages, PredictorConfig(hidden=16)))
+        without = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages,
+                                                  policy=sc.GivenScorersConfig(make_predictors(structure, stages, PredictorConfig(hidden=16)))))
         assert not torch.allclose(without(x), sparse(x))  # the prior changed the selection
     assert sum(n.target is ops.token_positions for n in student.graph.nodes) == 1
     out = tmp_path / "pred.pt"
     save_predictors(out, PredictorCheckpoint(predictors, stages, 0.6, PredictorConfig(hidden=16, coverage=1.0)), model, structure)
     loaded = load_predictor_checkpoint(out, model, structure)
     assert loaded.config.coverage == 1.0
-    reloaded = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy="spot"), scorers=loaded.predictors)
+    reloaded = sc.sparsify(model, sc.SparsifyConfig(keep=keep, stages=stages, policy=sc.GivenScorersConfig(loaded.predictors)))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), sparse(x))
 

@@ -84,16 +84,23 @@ def test_stored_configs_carry_their_version_and_old_unversioned_ones_still_read(
     from spot_compile.scorers.spot import PredictorConfig
     from spot_compile.serialization.configs import config_from_dict, config_to_dict
 
-    config = sc.SparsifyConfig(budget=0.5, stages=(1, 2), keep=(40, 20), policy="class-attention")
+    config = sc.SparsifyConfig(budget=0.5, stages=(1, 2), keep=(40, 20), policy=sc.ClassAttentionConfig(fuse=True))
     stored = json.loads(json.dumps(config_to_dict(config)))
-    assert stored["_type"] == "SparsifyConfig" and stored["_version"] == 1
+    assert stored["_type"] == "SparsifyConfig" and stored["_version"] == 2
+    assert stored["policy_config"] == {"_type": "ClassAttentionConfig", "_version": 1, "fuse": True}
     assert config_from_dict(stored, sc.SparsifyConfig, "f") == config
-    unversioned = {k: v for k, v in stored.items() if not k.startswith("_")}  # as files before versions stored it
+    # version 1, as files stored it before policies had configs: the name and the flat shorthands
+    unversioned = {k: v for k, v in stored.items() if not k.startswith("_") and k != "policy_config"}
     assert config_from_dict(unversioned, sc.SparsifyConfig, "f") == config
+    for bad, message in (({**stored, "policy_config": {**stored["policy_config"], "_version": 7}}, "settings version 7"),
+                         ({**stored, "policy_config": {"fuse": True, "depth": 2}}, "settings this release does not know (depth)"),
+                         ({**stored, "policy": "gone", "policy_config": {}}, "token policy 'gone', which is not installed")):
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            config_from_dict(bad, sc.SparsifyConfig, "f")
     # the shipped predictors' record: no version, no anchor (off for them)
     assert config_from_dict({"hidden": 16, "signals": ["embedding"], "coverage": 2.0}, PredictorConfig, "f") == \
         PredictorConfig(hidden=16, signals=("embedding",), coverage=2.0)
-    for bad, message in (({**stored, "_version": 99}, "version 99; this release reads versions 1 to 1"),
+    for bad, message in (({**stored, "_version": 99}, "version 99; this release reads versions 1 to 2"),
                          ({**stored, "sharpness": 2}, "settings this release does not know (sharpness)"),
                          ({**stored, "_type": "PredictorConfig"}, "holds a PredictorConfig where a SparsifyConfig belongs")):
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -70,12 +70,14 @@ MAY_IMPORT = {
     "scorers": {"errors", "graph", "ops"},
     "measure": {"errors", "data"},
     "planning": {"errors", "graph", "passes", "measure"},
-    "policies": {"errors", "graph", "passes", "planning", "scorers", "serialization"},
-    "config": {"errors", "policies"},
-    "api": {"errors", "config", "graph", "measure", "planning", "policies"},
-    "serialization": {"errors", "api", "config", "graph", "policies", "scorers"},
+    "policy_configs": {"errors"},
+    "policies": {"errors", "graph", "passes", "planning", "policy_configs", "scorers", "serialization"},
+    "config": {"errors", "policy_configs"},
+    "api": {"errors", "config", "graph", "measure", "planning", "policies", "policy_configs"},
+    "serialization": {"errors", "api", "config", "graph", "policies", "policy_configs", "scorers"},
     "models": {"errors", "data", "serialization"},
-    "calibration": {"errors", "api", "config", "data", "graph", "measure", "passes", "policies", "scorers", "serialization"},
+    "calibration": {"errors", "api", "config", "data", "graph", "measure", "passes", "policies", "policy_configs", "scorers",
+                    "serialization"},
     "cli": None,  # the command line may import anything
 }
 
@@ -107,3 +109,60 @@ def test_every_folder_opens_with_a_docstring_saying_what_lives_there():
             assert init.is_file(), f"{folder.name}/ has no __init__.py"
             doc = ast.get_docstring(ast.parse(init.read_text()))
             assert doc and len(doc) > 80, f"{folder.name}/__init__.py says nothing of what lives there"
+
+
+# The modules that define configs, and what those may reach at import: configs are inert data, so making one loads
+# no pass, no graph code and no model.
+CONFIG_MODULES = ("spot_compile.config", "spot_compile.policy_configs", "spot_compile.calibration.config",
+                  "spot_compile.scorers.predictor_config")
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Modules `path` imports when it is imported (not inside functions), of any package."""
+    tree = ast.parse(path.read_text())
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            found |= {f"{module}.{a.name}" for a in node.names
+                      if (PACKAGE.parent / f"{module}.{a.name}".replace(".", "/")).with_suffix(".py").is_file()}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_defining_a_config_imports_no_pass_and_no_torch():
+    modules = _package_modules()
+    reached, todo = set(), list(CONFIG_MODULES)
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        if name in modules:
+            todo += sorted(_module_level_imports(modules[name]))
+    ours = {m for m in reached if m.startswith("spot_compile.")}
+    assert ours <= set(CONFIG_MODULES) | {"spot_compile.errors"}, sorted(ours)
+    assert not {m for m in reached if m.split(".")[0] == "torch"}, sorted(reached)
+
+
+def test_the_calibration_configs_mask_gradients_are_the_ones_the_pass_implements():
+    from spot_compile.calibration.config import MASK_GRADIENTS
+    from spot_compile.passes import soft_pruning
+
+    assert MASK_GRADIENTS == soft_pruning.MASK_GRADIENTS
+
+
+def test_importing_the_config_modules_loads_no_pass_and_not_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; " + "; ".join(f"import {m}" for m in CONFIG_MODULES) +
+            "; import spot_compile; c = spot_compile.SparsifyConfig(policy='spot', predictors='p.pt'); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('spot_compile.passes')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

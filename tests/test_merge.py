@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: PLC2701 (counts dynamo frames)
 
 import spot_compile as sc
+from spot_compile import policy_configs
 from spot_compile.errors import BudgetError, StructureError
 from spot_compile.ops.merging import merge_tokens, size_bias
 from spot_compile.passes.insert_merging import BIAS_TAG, SIZES_TAG
@@ -161,6 +162,7 @@ def test_merge_on_every_model_family(name):
 def test_a_policy_is_one_class_in_the_registry(monkeypatch):
     """What a plug-in writes: a scorer policy that keeps the first patch tokens, usable by name at once."""
     monkeypatch.setattr(registry, "_POLICIES", dict(registry._POLICIES))
+    monkeypatch.setattr(policy_configs, "_CONFIGS", dict(policy_configs._CONFIGS))
 
     class FirstTokens(torch.nn.Module):
         attention, history = "none", 0

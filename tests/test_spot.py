@@ -250,17 +250,17 @@ def test_spot_taps_keep_fused_attention_fused_and_agree_with_explicit_attention(
     predictors = make_predictors(structure, (1, 2, 3), PredictorConfig(hidden=16))
     # Explicit keep counts: FLOPs of SDPA and of an explicit softmax are counted differently, so a budget could
     # give the two models different counts.
-    config = sc.SparsifyConfig(keep=(40, 25, 12), stages=(1, 2, 3), policy="spot")
+    config = sc.SparsifyConfig(keep=(40, 25, 12), stages=(1, 2, 3), policy=sc.GivenScorersConfig(predictors))
     outputs = []
     x = torch.randn(3, 1, 16, 16)
     for model, descriptor in ((fused, ops.interaction_descriptor), (explicit, ops.descriptor_from_logits)):
-        sparse = sc.sparsify(model, config, scorers=predictors)
+        sparse = sc.sparsify(model, config)
         targets = [n.target for n in sparse.graph_module.graph.nodes]
         assert targets.count(descriptor) == 3  # blocks 0, 1, 2, each emitted once though stages 2 and 3 reread 0 and 1
         assert ops.attention_probs not in targets
         with torch.no_grad():
             outputs.append(sparse(x))
-    fused_sparse = sc.sparsify(fused, config, scorers=predictors)
+    fused_sparse = sc.sparsify(fused, config)
     fused_graph = fused_sparse.graph_module.graph
     assert sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in fused_graph.nodes) == 4
     # One top-k per stage in the ATen graph Inductor gets, though the taps of blocks 0 and 1 are carried through
@@ -279,7 +279,7 @@ def test_predictor_shapes_and_cost_under_three_percent():
     tokens, desc = torch.randn(2, 197, 64), torch.randn(2, 197, 8)  # 4 features x 2 heads
     assert p(tokens, desc, desc).shape == (2, 197)
     predictors = make_predictors(structure, (2, 3, 4), PredictorConfig())
-    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="spot"), scorers=predictors)
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy=sc.GivenScorersConfig(predictors)))
     x = torch.randn(1, 1, 28, 28)
     predictor_flops = 0
     for stage in sparse.plan.stages:

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from spot_compile.config import flops_fraction
 from spot_compile.errors import UsageError
-from spot_compile.passes.soft_pruning import MASK_GRADIENTS
-from spot_compile.scorers.spot import PredictorConfig
+from spot_compile.scorers.predictor_config import PredictorConfig
+
+# How the calibration graph's keep mask passes gradient (`passes.soft_pruning` implements each; a test keeps the two
+# lists equal). The first is the default.
+MASK_GRADIENTS = ("block", "downstream", "full")
 
 PRECISIONS = ("fp32", "bf16")
 # Through which graph a fine-tune tunes the backbone; the first is the default.

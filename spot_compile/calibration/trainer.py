@@ -52,6 +52,7 @@ from spot_compile.graph.inputs import dtype_of, example_input
 from spot_compile.measure.accuracy import logits_of, top1_correct
 from spot_compile.passes.soft_pruning import build_calibration_graph, tap_final_tokens
 from spot_compile.policies import default_stages
+from spot_compile.policy_configs import GivenScorersConfig
 from spot_compile.scorers.spot import make_predictors
 from spot_compile.serialization.checkpoints import fingerprint
 from spot_compile.serialization.files import check_writable_file
@@ -205,8 +206,8 @@ class Calibrator:
         self.run_teacher = (torch.compile(teacher) if cfg.run.compile else teacher) if self.distill else None
 
     def _sparsified(self, budget: float) -> SparseViT:
-        return sparsify(self.model, SparsifyConfig(budget=budget, stages=self.stages, policy="spot", input_size=self.config.input_size),
-                        scorers=self.predictors)
+        policy = GivenScorersConfig(scorers=self.predictors)
+        return sparsify(self.model, SparsifyConfig(budget=budget, stages=self.stages, policy=policy, input_size=self.config.input_size))
 
     def _runner(self, graph: nn.Module):
         """`graph` as it trains: under DistributedDataParallel on several processes, under torch.compile if asked."""

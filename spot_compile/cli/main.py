@@ -13,11 +13,10 @@ import click
 import torch
 from rich.console import Console
 
-from spot_compile.calibration.config import FINETUNE_GRAPHS, PRECISIONS, CalibrationConfig
+from spot_compile.calibration.config import FINETUNE_GRAPHS, MASK_GRADIENTS, PRECISIONS, CalibrationConfig
 from spot_compile.config import DEFAULT_POLICY
 from spot_compile.data.preprocessing import AUGMENTATIONS
 from spot_compile.errors import SpotError
-from spot_compile.passes.soft_pruning import MASK_GRADIENTS
 from spot_compile.policies import policy_class, policy_help, policy_names, stages_help
 
 # Off a terminal (a pipe, a job's log) rich would cut tables to 80 columns; a wide console keeps every cell whole.

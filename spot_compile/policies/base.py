@@ -18,6 +18,7 @@ from spot_compile.graph.blocks import ModelStructure
 from spot_compile.passes.insert_pruning import insert_pruning
 from spot_compile.passes.pipeline import PassBase, StagePass
 from spot_compile.planning.budget import keep_schedule
+from spot_compile.policy_configs import DropConfig, PolicyConfig
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
@@ -31,24 +32,30 @@ class TokenPolicy(ABC):
     Class attributes (read by the registry, the CLI's `--help` and docs):
       name: the `SparsifyConfig.policy` / `--policy` value;
       summary: one line for `--help`;
-      reduction: "drop" (tokens are discarded, or fused into one with `fuse_pruned`) or "merge" (tokens are
+      reduction: "drop" (tokens are discarded, or fused into one with `fuse`) or "merge" (tokens are
         averaged into their most similar partners: nothing is discarded);
-      calibrated: whether the policy needs trained weights (`SparsifyConfig.predictors`);
-      fusable: whether `fuse_pruned` applies;
+      config_type: its settings, a frozen dataclass from `policy_configs` (or the plug-in's own); `register`
+        derives one named after the policy where a subclass declares none;
       stages_text: its default stages in words (for `--stages`' help).
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     reduction: ClassVar[Literal["drop", "merge"]]
-    calibrated: ClassVar[bool] = False
-    fusable: ClassVar[bool] = False
+    config_type: ClassVar[type[PolicyConfig]] = PolicyConfig
     # `default_stages` in words, for `--stages`' help
     stages_text: ClassVar[str] = "the blocks at 1/4, 1/2 and 3/4 of the depth"
 
     def __init__(self, config: Any, model: nn.Module, structure: ModelStructure) -> None:
-        """`config` is the `SparsifyConfig`; `structure` the captured dense model's blocks."""
+        """`config` is the `SparsifyConfig` (its `policy_config`, this policy's settings, is `self.settings`);
+        `structure` the captured dense model's blocks."""
         self.config, self.structure = config, structure
+        self.settings = config.policy_config
+
+    @property
+    def fuses(self) -> bool:
+        """Whether dropped tokens are averaged into one extra token."""
+        return bool(getattr(self.settings, "fuse", False))
 
     @classmethod
     def prepare_model(cls, config: Any, model: nn.Module) -> nn.Module:
@@ -66,11 +73,11 @@ class TokenPolicy(ABC):
     def schedule(self, patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
         """Patch tokens kept after each stage for a keep rate `rho` in [0, 1] (1: every token), never growing, and
         monotone in `rho` (the budget search bisects on it). By default DynamicViT's geometric schedule (rho**s)."""
-        return keep_schedule(patch_tokens, num_stages, rho, bool(self.config.fuse_pruned and self.fusable))
+        return keep_schedule(patch_tokens, num_stages, rho, self.fuses)
 
     def tokens_out(self, keep: int) -> int:
         """Tokens leaving a stage that keeps `keep` patch tokens (special tokens included)."""
-        return self.structure.num_special + keep + int(self.config.fuse_pruned and self.fusable)
+        return self.structure.num_special + keep + int(self.fuses)
 
     @abstractmethod
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node | None:
@@ -87,30 +94,12 @@ class DropPolicy(TokenPolicy):
     """Scores tokens with a module per stage and keeps the top `keep` (`passes.insert_pruning`)."""
 
     reduction = "drop"
-    fusable = True
+    config_type = DropConfig
 
     @abstractmethod
     def scorer(self, stage: int) -> nn.Module:
         """The scoring module spliced in front of block `stage` (see `scorers` for its contract)."""
 
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node:
-        return insert_pruning(gm, structure, before_block, keep, self.scorer(before_block), fuse=self.config.fuse_pruned)
-
-
-class GivenScorers(DropPolicy):
-    """Drop with scorers the caller supplies per stage (calibration evaluates its predictors this way)."""
-
-    name = "given-scorers"
-    summary = "scorers passed to sparsify(scorers=...)"
-
-    def __init__(self, config: Any, model: nn.Module, structure: ModelStructure, scorers: dict[int, nn.Module]) -> None:
-        super().__init__(config, model, structure)
-        self.scorers = scorers
-
-    @property
-    def fixed_stages(self) -> tuple[int, ...]:
-        return tuple(sorted(self.scorers))
-
-    def scorer(self, stage: int) -> nn.Module:
-        return self.scorers[stage]
+        return insert_pruning(gm, structure, before_block, keep, self.scorer(before_block), fuse=self.fuses)
 

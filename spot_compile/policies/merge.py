@@ -10,11 +10,13 @@ from spot_compile.graph.blocks import ModelStructure
 from spot_compile.passes.insert_merging import insert_merging
 from spot_compile.policies.base import TokenPolicy
 from spot_compile.policies.registry import register
+from spot_compile.policy_configs import MergeConfig
 
 
 @register
 class MergePolicy(TokenPolicy):
     name = "merge"
+    config_type = MergeConfig
     summary = ("merge the most similar tokens (ToMe: bipartite matching on keys, size-weighted averages, proportional "
                "attention; training-free)")
     reduction = "merge"

@@ -6,12 +6,14 @@ from torch import nn
 
 from spot_compile.policies.base import DropPolicy
 from spot_compile.policies.registry import register
+from spot_compile.policy_configs import RandomConfig
 from spot_compile.scorers.training_free import RandomScorer
 
 
 @register
 class RandomPolicy(DropPolicy):
     name = "random"
+    config_type = RandomConfig
     summary = "drop uniformly random tokens (a baseline)"
 
     def scorer(self, stage: int) -> nn.Module:

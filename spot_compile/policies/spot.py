@@ -11,6 +11,7 @@ from spot_compile.graph.blocks import ModelStructure
 from spot_compile.graph.inputs import device_of, dtype_of
 from spot_compile.policies.base import DropPolicy
 from spot_compile.policies.registry import register
+from spot_compile.policy_configs import SpotConfig
 from spot_compile.serialization.predictors import load_predictor_checkpoint, with_tuned_backbone
 
 
@@ -18,11 +19,11 @@ from spot_compile.serialization.predictors import load_predictor_checkpoint, wit
 class SpotPolicy(DropPolicy):
     name = "spot"
     summary = "drop by SPOT's calibrated predictors (needs --predictors from `spot-compile calibrate`)"
-    calibrated = True
+    config_type = SpotConfig
 
     def __init__(self, config: Any, model: nn.Module, structure: ModelStructure) -> None:
         super().__init__(config, model, structure)
-        self.checkpoint = load_predictor_checkpoint(config.predictors, model, structure)
+        self.checkpoint = load_predictor_checkpoint(self.settings.predictors, model, structure)
         for p in self.checkpoint.predictors.values():
             p.to(device=device_of(model), dtype=dtype_of(model))
         if config.stages is not None and tuple(config.stages) != self.checkpoint.stages:
@@ -31,7 +32,8 @@ class SpotPolicy(DropPolicy):
 
     @classmethod
     def prepare_model(cls, config: Any, model: nn.Module) -> nn.Module:
-        return model if config.predictors is None else with_tuned_backbone(model, config.predictors)
+        predictors = config.policy_config.predictors
+        return model if predictors is None else with_tuned_backbone(model, predictors)
 
     @property
     def fixed_stages(self) -> tuple[int, ...]:

@@ -12,43 +12,17 @@ each token is judged relative to the image. Any signal can be switched off for a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spot_compile.graph.blocks import ModelStructure
 from spot_compile.scorers.coverage_prior import coverage_prior
+from spot_compile.scorers.predictor_config import SIGNALS, PredictorConfig
 
-SIGNALS = ("embedding", "interaction", "dynamics")
+__all__ = ["DESCRIPTOR_FEATURES", "SIGNALS", "PredictorConfig", "SpotPredictor", "make_predictors"]
+
 DESCRIPTOR_FEATURES = 4  # per head, see ops.descriptor_from_logits
-
-
-@dataclass(frozen=True)
-class PredictorConfig:
-    hidden: int = 32
-    signals: tuple[str, ...] = SIGNALS
-    # Weight of the fixed spatial coverage prior added to every relevance logit (`coverage.coverage_prior`, in [0, 1]):
-    # 0 is SPOT as published; a large weight is a fixed uniform thinning of the grid that the logits only reorder
-    # where they differ by more than the prior does.
-    coverage: float = 0.0
-    # Start from the class token's attention (EViT's criterion, read from the interaction descriptor) and learn a
-    # correction to it: relevance = scale·log(CLS-out) + MLP, the MLP's output layer zero at the start. Off by default:
-    # on the cluttered benchmark it gained nothing over starting from noise (docs/research/why_not_beat_class_attention.md).
-    anchor: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = set(self.signals) - set(SIGNALS)
-        if unknown or not self.signals:
-            raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {self.signals}")
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be a positive width, got {self.hidden}")
-        if not 0 <= self.coverage < float("inf"):
-            raise ValueError(f"coverage must be a weight >= 0, and finite; got {self.coverage}")
-        if self.anchor and "interaction" not in self.signals:
-            raise ValueError("anchor reads the class token's attention from the interaction signal: keep 'interaction' "
-                             "among the signals, or turn anchor off")
 
 
 class SpotPredictor(nn.Module):

@@ -33,6 +33,10 @@ def save(sparse, model: nn.Module, path: str | Path | None = None) -> None:
         given = f"a {type(model).__name__} as the model" if not isinstance(model, nn.Module) else "no path"
         raise UsageError(f"save takes the sparse model, the model it was made from, and the file: "
                          f"spot_compile.save(sparse, model, 'sparse.pt') (got {given})")
+    if not sparse.config.policy_config.storable:
+        raise UsageError(f"a model sparsified with policy {sparse.config.policy!r} holds scorer modules of your own, which "
+                         "are not saved; save your scorers' weights yourself and sparsify again when loading, or save "
+                         "predictors with `spot-compile calibrate` and sparsify with predictors=FILE")
     stages = tuple(s.block for s in sparse.plan.stages)
     # A dense plan (budget 1.0) has no keep counts: None, so that loading it solves the same (empty) schedule.
     config = dataclasses.replace(sparse.config, keep=tuple(s.keep for s in sparse.plan.stages) if stages else None,
