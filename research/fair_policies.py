@@ -17,9 +17,8 @@ ToMe ships, in front of every block, and is tuned at the lowest budget of `--bud
 is below what it can reach (bipartite merging removes at most half the tokens a block). A budget a policy cannot reach
 is reported as such.
 
-Variants of SPOT's calibration, for finding out why it does or does not win (docs/research/): "spot anchored" (the
-predictors start from the class token's attention), "spot noise 0" (no exploration noise), "spot detached" (the
-backbone learns nothing through the predictors' inputs), "spot then tune" (the predictors calibrated `--steps` steps
+Variants of SPOT's calibration, for finding out why it does or does not win (docs/research/): "spot noise 0" (no
+exploration noise), "spot detached" (the backbone learns nothing through the predictors' inputs), "spot then tune" (the predictors calibrated `--steps` steps
 on the frozen backbone, then the backbone tuned `--steps` steps exactly as the training-free arms are, through the
 deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
 "spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
@@ -104,7 +103,6 @@ class Arm:
     noise: float = 0.3  # SPOT arms: Gumbel noise on the scores in training (SoftKeep)
     backbone_from_scores: bool = True  # SPOT arms: the backbone also learns through the predictors' inputs
     then_tune: bool = False  # SPOT arms: calibrate on the frozen backbone, then tune it as the training-free arms are
-    anchor: bool = False  # SPOT arms: predictors that start from the class token's attention (PredictorConfig.anchor)
     predictor_budget: float | None = None  # "then tune" arms: calibrate the predictors at this budget, not --tune-budget
     # SPOT arms: where a score's gradient comes from (calibrate's mask_gradient). Pinned, not the library's default:
     # the arms' cached runs and the figures in docs/spot.md were made with it (the default went back to "block").
@@ -123,7 +121,6 @@ ARMS = {
     "no pruning": Arm(None),
     "spot": Arm("spot"),
     "spot + coverage": Arm("spot", coverage=RECIPE_COVERAGE),
-    "spot anchored": Arm("spot", anchor=True),
     "spot noise 0": Arm("spot", noise=0.0),
     "spot detached": Arm("spot", backbone_from_scores=False),
     "spot then tune": Arm("spot", then_tune=True),
@@ -231,7 +228,7 @@ def tune_arm(name: str, arm: Arm, base: Path, data: Path, stages, args, console:
     t0 = time.time()
     if arm.spot:
         epochs = -(-args.steps // (len(train) // BATCH))
-        predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage, anchor=arm.anchor)
+        predictor = PredictorConfig(hidden=HIDDEN, signals=arm.signals, coverage=arm.coverage)
         result = calibrate(model, train, val, arm.predictor_budget or args.tune_budget, stages=stages, epochs=epochs, max_steps=args.steps,
                            batch_size=BATCH, lr=PREDICTOR_LR, predictor=predictor, noise=arm.noise,
                            backbone_from_scores=arm.backbone_from_scores, finetune=not arm.then_tune,

@@ -97,9 +97,15 @@ def test_stored_configs_carry_their_version_and_old_unversioned_ones_still_read(
                          ({**stored, "policy": "gone", "policy_config": {}}, "token policy 'gone', which is not installed")):
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
             config_from_dict(bad, sc.SparsifyConfig, "f")
-    # the shipped predictors' record: no version, no anchor (off for them)
+    # the shipped predictors' record: no version, no anchor (off for them); a version-1 file that stored the
+    # withdrawn anchor reads when it was off, and is refused in one line when it was on
     assert config_from_dict({"hidden": 16, "signals": ["embedding"], "coverage": 2.0}, PredictorConfig, "f") == \
         PredictorConfig(hidden=16, signals=("embedding",), coverage=2.0)
+    assert config_from_dict({"_version": 1, "hidden": 16, "anchor": False}, PredictorConfig, "f") == PredictorConfig(hidden=16)
+    with pytest.raises(CheckpointError, match="holds anchored predictors, a variant this release no longer builds"):
+        config_from_dict({"_version": 1, "hidden": 16, "anchor": True}, PredictorConfig, "f")
+    with pytest.raises(CheckpointError, match=r"does not know \(anchor\)"):
+        config_from_dict({"_version": 2, "hidden": 16, "anchor": False}, PredictorConfig, "f")
     for bad, message in (({**stored, "_version": 99}, "version 99; this release reads versions 1 to 2"),
                          ({**stored, "sharpness": 2}, "settings this release does not know (sharpness)"),
                          ({**stored, "_type": "PredictorConfig"}, "holds a PredictorConfig where a SparsifyConfig belongs")):

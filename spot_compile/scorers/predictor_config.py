@@ -16,10 +16,6 @@ class PredictorConfig:
     # 0 is SPOT as published; a large weight is a fixed uniform thinning of the grid that the logits only reorder
     # where they differ by more than the prior does.
     coverage: float = 0.0
-    # Start from the class token's attention (EViT's criterion, read from the interaction descriptor) and learn a
-    # correction to it: relevance = scale·log(CLS-out) + MLP, the MLP's output layer zero at the start. Off by default:
-    # on the cluttered benchmark it gained nothing over starting from noise (docs/research/why_not_beat_class_attention.md).
-    anchor: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.signals) - set(SIGNALS)
@@ -29,6 +25,3 @@ class PredictorConfig:
             raise ValueError(f"hidden must be a positive width, got {self.hidden}")
         if not 0 <= self.coverage < float("inf"):
             raise ValueError(f"coverage must be a weight >= 0, and finite; got {self.coverage}")
-        if self.anchor and "interaction" not in self.signals:
-            raise ValueError("anchor reads the class token's attention from the interaction signal: keep 'interaction' "
-                             "among the signals, or turn anchor off")

@@ -28,10 +28,7 @@ DESCRIPTOR_FEATURES = 4  # per head, see ops.descriptor_from_logits
 class SpotPredictor(nn.Module):
     """relevance = w2·gelu(W1·gelu([h, mean(h)]) + b1) + b2, with
     h = W_e·LN(token) + W_i·descriptor + W_d·(descriptor - previous descriptor) + b,
-    plus `config.coverage` times the token's coverage prior when that weight is not zero,
-    plus, with `config.anchor`, a·log(the descriptor's CLS-out feature, averaged over heads) with a learned a (1 at
-    the start, when w2 and b2 are zero): the class token's attention, or, in a model without one, the attention the
-    token receives from the average query (what `ClassAttentionScorer` falls back to as well).
+    plus `config.coverage` times the token's coverage prior when that weight is not zero.
 
     The forward evaluates that same function in a cheaper order (the predictor runs on every token of a narrow model,
     where a handful of small kernels cost more than their FLOPs suggest): the three input linears as one GEMM over
@@ -42,8 +39,7 @@ class SpotPredictor(nn.Module):
     attention = "descriptor"
     history = 2  # the last two blocks: their descriptors and the change between them
 
-    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig(), patch_tokens: int | None = None,
-                 has_class_token: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, config: PredictorConfig = PredictorConfig(), patch_tokens: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.positions = config.coverage > 0  # asks the pass for each token's grid position
@@ -57,11 +53,6 @@ class SpotPredictor(nn.Module):
         self.interaction = nn.Linear(feat, hid) if "interaction" in config.signals else None
         self.dynamics = nn.Linear(feat, hid) if "dynamics" in config.signals else None
         self.mix = nn.Sequential(nn.GELU(), nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
-        if config.anchor:
-            self.anchor_feature = 0 if has_class_token else 1  # CLS-out, else received (ops.descriptor_from_logits)
-            self.anchor_scale = nn.Parameter(torch.ones(()))
-            nn.init.zeros_(self.mix[3].weight)
-            nn.init.zeros_(self.mix[3].bias)
 
     def forward(self, tokens: torch.Tensor, *descriptors: torch.Tensor, positions: torch.Tensor | None = None,
                 live: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,11 +69,6 @@ class SpotPredictor(nn.Module):
         z = F.linear(F.gelu(h), first.weight[:, :hid]) + F.linear(F.gelu(context), first.weight[:, hid:], first.bias)
         # A one-column GEMM is a library call of its own; as a multiply-reduce Inductor fuses it into the GELU's kernel.
         logits = (F.gelu(z) * last.weight[0]).sum(-1) + last.bias
-        if self.config.anchor:
-            attention = descriptors[-1][..., self.anchor_feature :: DESCRIPTOR_FEATURES].mean(-1)
-            # Live-count-scaled softmax (1 = uniform): its log is 0 for an average token, and the clamp keeps a token
-            # no head attends to finite.
-            logits = logits + self.anchor_scale * attention.clamp_min(1e-4).log()
         if not self.positions:
             return logits
         if positions is None:
@@ -116,5 +102,5 @@ def make_predictors(structure: ModelStructure, stages: tuple[int, ...], config: 
     b = structure.blocks[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return {s: SpotPredictor(b.dim, b.heads, config, structure.tokens - structure.num_special, structure.has_class_token)
+        return {s: SpotPredictor(b.dim, b.heads, config, structure.tokens - structure.num_special)
                 for s in stages}

@@ -5,7 +5,9 @@ release wrote. A stored config is inert data: reading it imports no pass and run
 Versions: a config stored without a version (every file written before versions existed, the shipped predictors
 among them) is version 1. `SparsifyConfig` 1 holds the policy's name and the flat `fuse_pruned` / `predictors`;
 2 adds `policy_config`, the policy's own settings (`policy_configs`) with their version. `PredictorConfig` 1 may
-lack `coverage` and `anchor` (then 0 and off: what those files were calibrated with). A newer version than this release knows, or a
+lack `coverage` (then 0: what those files were calibrated with) and may hold `anchor`, a predictor variant withdrawn
+after it measured no gain (docs/research/why_not_beat_class_attention.md): off is read as the predictors they are,
+on is refused. A newer version than this release knows, or a
 field it does not know, is refused naming the file's version: silently dropping a setting would rebuild another
 model.
 """
@@ -19,7 +21,7 @@ from spot_compile.errors import CheckpointError
 from spot_compile.policy_configs import PolicyConfig, config_type
 
 # config class name -> the version this release writes
-VERSIONS: dict[str, int] = {"SparsifyConfig": 2, "PredictorConfig": 1}
+VERSIONS: dict[str, int] = {"SparsifyConfig": 2, "PredictorConfig": 2}
 
 
 def config_to_dict(config: Any) -> dict:
@@ -50,6 +52,10 @@ def config_from_dict(data: dict, cls: type, where: str) -> Any:
     if not isinstance(version, int) or not 1 <= version <= current:
         raise CheckpointError(f"{where} stores {expected} version {version!r}; this release reads versions 1 to {current}: "
                               "upgrade spot-compile, or write the file again with this release")
+    if expected == "PredictorConfig" and version == 1 and "anchor" in data:
+        if data.pop("anchor"):
+            raise CheckpointError(f"{where} holds anchored predictors, a variant this release no longer builds; calibrate "
+                                  "again (spot-compile calibrate)")
     if expected == "SparsifyConfig" and "policy_config" in data:
         data["policy"] = _policy_config_from_dict(data.pop("policy_config"), data.get("policy"), where)
     return cls(**_known_fields(data, cls, expected, where))
