@@ -19,8 +19,8 @@ is reported as such.
 
 Variants of SPOT's calibration, for finding out why it does or does not win (docs/research/): "spot noise 0" (no
 exploration noise), "spot detached" (the backbone learns nothing through the predictors' inputs), "spot then tune"
-(the predictors calibrated `--steps` steps on the frozen backbone, then the backbone tuned `--steps` steps exactly as the training-free arms are, through the
-deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
+(the predictors calibrated `--steps` steps on the frozen backbone, then the backbone tuned `--steps` steps exactly
+as the training-free arms are, through the deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
 "spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
 "spot then tune (block gradient)" (the same, with a score's gradient from its stage's block alone, as every SPOT arm
 had before the downstream gradient: `calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block
