@@ -20,16 +20,17 @@ is reported as such.
 Variants of SPOT's calibration, for finding out why it does or does not win (docs/research/): "spot noise 0" (no
 exploration noise), "spot detached" (the backbone learns nothing through the predictors' inputs), "spot then tune"
 (the predictors calibrated `--steps` steps on the frozen backbone, then the backbone tuned `--steps` steps exactly
-as the training-free arms are, through the deployed sparse graph with those predictors fixed: the same backbone fine-tune as theirs, plus the calibration),
-"spot then tune (predictors at 0.4)" (the same, with the predictors calibrated at budget 0.4 whatever `--tune-budget`),
-"spot then tune (block gradient)" (the same, with a score's gradient from its stage's block alone, as every SPOT arm
-had before the downstream gradient: `calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block
-gradient)" (both) and "spot then tune -<signal>" (its signal ablations). "spot --finetune" is the library's own
-`calibrate(finetune=True)` (finetune graph "deployed", block gradient): "spot then tune (block gradient)" as the
-library does it, the fine-tune's shuffle drawn from later epochs of the same seed; "spot --finetune --rank-budget 0.4"
-is "spot then tune (predictors at 0.4; block gradient)" as the library does it (`calibrate(rank_budget=0.4)`), and
-"spot --finetune + coverage" the library's path with the recipe's coverage prior.
-`--seed` changes every fine-tune's shuffle, augmentation and noise, for the run-to-run spread.
+as the training-free arms are, through the deployed sparse graph with those predictors fixed: the same backbone
+fine-tune as theirs, plus the calibration), "spot then tune (predictors at 0.4)" (the same, with the predictors
+calibrated at budget 0.4 whatever `--tune-budget`), "spot then tune (block gradient)" (the same, with a score's
+gradient from its stage's block alone, as every SPOT arm had before the downstream gradient:
+`calibrate(mask_gradient="block")`), "spot then tune (predictors at 0.4; block gradient)" (both) and "spot then tune
+-<signal>" (its signal ablations). "spot --finetune" is the library's own `calibrate(finetune=True)` (finetune graph
+"deployed", block gradient): "spot then tune (block gradient)" as the library does it, the fine-tune's shuffle drawn
+from later epochs of the same seed; "spot --finetune --rank-budget 0.4" is "spot then tune (predictors at 0.4; block
+gradient)" as the library does it (`calibrate(rank_budget=0.4)`), and "spot --finetune + coverage" the library's
+path with the recipe's coverage prior. `--seed` changes every fine-tune's shuffle, augmentation and noise, for the
+run-to-run spread.
 
 Each tuned backbone is then evaluated at every budget of `--budgets` on the held-out test split: top-1 at the FLOPs
 ratio reached (FlopCounterMode), and, where the data has object boxes (the cluttered set), the kept-token box
