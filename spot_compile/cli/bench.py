@@ -27,17 +27,17 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from spot_compile.api import sparsify
 from spot_compile.config import SparsifyConfig
 from spot_compile.errors import UsageError, first_line
-from spot_compile.measure.timing import median_ms, median_pair
+from spot_compile.measure.timing import Ratio, round_robin_ms
 from spot_compile.serialization.files import atomic_file, write_text
 
 MODES = ("eager", "compiled", "frozen", "aot", "cudagraphs")
-DEFAULT_MODES = {"cpu": ("eager", "compiled", "frozen"), "cuda": ("eager", "compiled", "cudagraphs")}
+DEFAULT_MODES = {"cpu": ("eager", "compiled"), "cuda": ("eager", "compiled", "cudagraphs")}
 
 
 @dataclass
@@ -50,6 +50,9 @@ class Timing:
     flops_ratio: float
     dense_peak_mb: float | None = None
     sparse_peak_mb: float | None = None
+    # interquartile range of the per-round speedups (dense / sparse, the two timed in the same round)
+    speedup_low: float | None = None
+    speedup_high: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -63,18 +66,41 @@ class Timing:
     def sparse_images_per_s(self) -> float:
         return self.batch / self.sparse_ms * 1e3
 
+    @property
+    def noise_check(self) -> bool:
+        """A budget-1.0 row times the dense graph against itself (its capture, in eager): 1.00 on a quiet machine."""
+        return self.budget >= 1.0
+
+    @property
+    def too_noisy(self) -> bool:
+        return self.noise_check and self.speedup_low is not None and Ratio(self.speedup, self.speedup_low, self.speedup_high).too_noisy
+
     def as_dict(self) -> dict:
         """The row as the JSON reports write it: the measured fields and the figures derived from them."""
         return {**asdict(self), "speedup": self.speedup, "efficiency": self.efficiency,
-                "sparse_images_per_s": self.sparse_images_per_s}
+                "sparse_images_per_s": self.sparse_images_per_s, "too_noisy": self.too_noisy}
 
 
-def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 5) -> tuple[float, float]:
-    """Median eager latency (seconds) of dense and sparse at one batch size: the quick check of apply and demo."""
+@dataclass(frozen=True)
+class QuickLatency:
+    """Eager latency of dense and sparse at one batch: medians, the sparse / dense ratio with its spread, and the
+    dense model timed against itself in the same rounds (`noise`: 1.00 on a quiet machine)."""
+
+    batch: int
+    repeats: int
+    dense_ms: float
+    sparse_ms: float
+    ratio: Ratio
+    noise: Ratio
+
+
+def quick_latency(model: torch.nn.Module, sparse, batch: int = 8, repeats: int = 7) -> QuickLatency:
+    """The quick latency check of apply and demo (`QuickLatency`)."""
     model.eval()
     with torch.no_grad():
-        dense_ms, sparse_ms = median_pair((model, sparse), sparse.example(batch), 2, repeats)
-    return dense_ms / 1e3, sparse_ms / 1e3
+        dense, sparse_t, again = round_robin_ms((model, sparse, model), sparse.example(batch), 2, repeats)
+    return QuickLatency(batch, repeats, statistics.median(dense), statistics.median(sparse_t), Ratio.of(sparse_t, dense),
+                        Ratio.of(again, dense))
 
 
 _LIBC = ctypes.CDLL(None) if platform.system() == "Linux" else None
@@ -155,45 +181,62 @@ def run_bench(model: torch.nn.Module, budgets, batches, modes=MODES, input_size=
     model.eval()
     dense = sparsify(model, SparsifyConfig(budget=1.0, input_size=input_size))
     rows = []
-    with Progress(console=console) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task("timing", total=len(budgets) * len(batches) * len(modes))
         for budget in budgets:
             start = time.perf_counter()
-            sparse = sparsify(model, SparsifyConfig(budget=budget, input_size=input_size, **(config or {})))
+            # Budget 1.0 is the dense graph: compiled once and timed against itself, the run's noise check.
+            sparse = dense if budget >= 1.0 else sparsify(model, SparsifyConfig(budget=budget, input_size=input_size, **(config or {})))
             # Timestamps with durations: a run cut short by a time limit then says where its time went.
             console.log(f"budget {budget}: sparsified in {time.perf_counter() - start:.0f} s")
             for batch in batches:
-                # Every mode of this budget and batch is timed in one round-robin loop, so that modes compare with
-                # each other (compiled vs eager) as fairly as dense compares with sparse.
-                progress.update(task, description=f"budget {budget} batch {batch}: compiling")
-                x = sparse.example(batch)
-                torch._dynamo.reset()  # drop the previous batch's compiled graphs
-                pairs = {}
-                for mode in modes:
-                    start = time.perf_counter()
-                    try:
-                        pairs[mode] = (model, sparse) if mode == "eager" else compiled_pair(dense, sparse, mode, x)
-                    except Exception as e:  # one mode's compiler failure must not lose the other modes' figures
-                        console.print(f"[yellow]budget {budget} batch {batch}: {mode} failed to compile, left out "
-                                      f"({first_line(e)})")
-                        progress.advance(task)
-                        continue
-                    if mode != "eager":
-                        console.log(f"budget {budget} batch {batch}: {mode} mode: dense and sparse compiled in "
-                                    f"{time.perf_counter() - start:.0f} s")
-                progress.update(task, description=f"budget {budget} batch {batch}: timing")
-                ms = median_ms([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
-                for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):
-                    # CUDA graphs replay in a memory pool allocated at capture: the allocator sees no new memory
-                    peak = (None, None) if mode == "cudagraphs" else (peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x))
-                    rows.append(Timing(budget, mode, batch, ms[2 * i], ms[2 * i + 1], sparse.plan.flops_ratio, *peak))
-                    progress.advance(task)
+                rows += _time_budget_batch(model, dense, sparse, budget, batch, modes, warmup, repeats, console, progress, task)
                 if on_rows is not None:
                     on_rows(list(rows))
     return rows
 
 
-COLUMNS = ("budget", "mode", "batch", "dense ms", "sparse ms", "speedup", "FLOPs ratio", "speedup x FLOPs ratio",
+def _time_budget_batch(model, dense, sparse, budget: float, batch: int, modes, warmup: int, repeats: int,
+                       console: Console, progress: Progress, task) -> list[Timing]:
+    """Every mode of one budget and batch, timed in one round-robin loop, so that modes compare with each other
+    (compiled vs eager) as fairly as dense compares with sparse."""
+    progress.update(task, description=f"budget {budget} batch {batch}: compiling")
+    x = sparse.example(batch)
+    torch._dynamo.reset()  # drop the previous batch's compiled graphs
+    pairs = {}
+    for mode in modes:
+        start = time.perf_counter()
+        try:
+            if mode == "eager":
+                pairs[mode] = (model, sparse)
+            elif sparse is dense:
+                fn = compiled_fn(dense, mode, x)
+                pairs[mode] = (fn, fn)
+            else:
+                pairs[mode] = compiled_pair(dense, sparse, mode, x)
+        except Exception as e:  # one mode's compiler failure must not lose the other modes' figures
+            console.print(f"[yellow]budget {budget} batch {batch}: {mode} failed to compile, left out ({first_line(e)})")
+            progress.advance(task)
+            continue
+        if mode != "eager":
+            console.log(f"budget {budget} batch {batch}: {mode} mode compiled in {time.perf_counter() - start:.0f} s")
+    progress.update(task, description=f"budget {budget} batch {batch}: timing")
+    times = round_robin_ms([fn for pair in pairs.values() for fn in pair], x, warmup, repeats)
+    rows = []
+    for i, (mode, (d_fn, s_fn)) in enumerate(pairs.items()):
+        dense_t, sparse_t = times[2 * i], times[2 * i + 1]
+        speedup = Ratio.of(dense_t, sparse_t)
+        # CUDA graphs replay in a memory pool allocated at capture: the allocator sees no new memory
+        peak = (None, None) if mode == "cudagraphs" else (peak_memory_mb(d_fn, x), peak_memory_mb(s_fn, x))
+        rows.append(Timing(budget, mode, batch, statistics.median(dense_t), statistics.median(sparse_t),
+                           sparse.plan.flops_ratio, *peak, speedup.low, speedup.high))
+        progress.advance(task)
+    return rows
+
+
+COLUMNS = ("budget", "mode", "batch", "dense ms", "sparse ms", "speedup (IQR)", "FLOPs ratio", "speedup x FLOPs ratio",
            "sparse img/s", "peak MB dense / sparse")
 
 
@@ -204,7 +247,9 @@ def _ms(ms: float) -> str:
 
 def _cells(r: Timing) -> list[str]:
     mem = "-" if r.dense_peak_mb is None else f"{r.dense_peak_mb:.0f} / {r.sparse_peak_mb:.0f}"
-    return [str(r.budget), r.mode, str(r.batch), _ms(r.dense_ms), _ms(r.sparse_ms), f"{r.speedup:.2f}x",
+    spread = "" if r.speedup_low is None else f" ({r.speedup_low:.2f}-{r.speedup_high:.2f})"
+    flag = " noisy!" if r.too_noisy else ""
+    return [str(r.budget), r.mode, str(r.batch), _ms(r.dense_ms), _ms(r.sparse_ms), f"{r.speedup:.2f}x{spread}{flag}",
             f"{r.flops_ratio:.3f}", f"{r.efficiency:.2f}", f"{r.sparse_images_per_s:.0f}", mem]
 
 
@@ -247,22 +292,44 @@ def save_speedup_plot(rows: list[Timing], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def noise_lines(rows: list[Timing]) -> list[str]:
+    """What the budget-1.0 rows (the dense graph timed against itself) say of the machine, as lines for the report."""
+    checks = [r for r in rows if r.noise_check]
+    if not checks:
+        return ["no noise check: add 1.0 to --budgets to time the dense graph against itself beside the ratios"]
+    noisy = [r for r in checks if r.too_noisy]
+    if not noisy:
+        worst = max(checks, key=lambda r: abs(r.speedup - 1.0))
+        return [f"noise check passed: the dense graph timed against itself reads {worst.speedup:.2f}x at worst "
+                f"({worst.mode}, batch {worst.batch})"]
+    return [f"warning: the machine is too noisy to trust these ratios: the dense graph timed against itself reads "
+            f"{r.speedup:.2f}x ({r.speedup_low:.2f}-{r.speedup_high:.2f}), not 1.00, in {r.mode} at batch {r.batch}; rerun "
+            "on a quiet machine or with more --repeats" for r in noisy]
+
+
 def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console, repeats: int, warmup: int,
-           policy: str = "class-attention", device: torch.device | str = "cpu") -> None:
+           policy: str = "class-attention", device: torch.device | str = "cpu", plot: bool = True, quiet: bool = False) -> None:
+    """The rows as tables on the console and, with `out_dir`, as JSON, Markdown and (with `plot`) a PNG; `quiet`
+    writes the files only (a run writes them after every batch, so that an interrupted one keeps its rows)."""
+    noise = noise_lines(rows)
     table = Table(title=f"{name} ({policy}): median latency of {repeats} runs after {warmup} warm-up, dense and sparse interleaved")
     for c in COLUMNS:
         table.add_column(c)
     for r in rows:
         table.add_row(*_cells(r))
-    console.print(table)
     best = best_paths(rows)
+    if not quiet:
+        console.print(table)
     best_table = Table(title="fastest path: best dense mode vs best sparse mode")
     for c in ("budget", "batch", "dense", "sparse", "speedup", "x FLOPs ratio"):
         best_table.add_column(c)
     for b in best:
         best_table.add_row(str(b["budget"]), str(b["batch"]), f"{b['dense_mode']} {_ms(b['dense_ms'])} ms",
                            f"{b['sparse_mode']} {_ms(b['sparse_ms'])} ms", f"{b['speedup']:.2f}x", f"{b['efficiency']:.2f}")
-    console.print(best_table)
+    if not quiet:
+        console.print(best_table)
+        for line in noise:
+            console.print(line, style="yellow" if line.startswith(("warning", "no noise")) else None)
     if out_dir is None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +340,7 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     where = meta.get("gpu", f"{meta['cpu']}, {meta['threads']} threads")
-    data = {**meta, "rows": [r.as_dict() for r in rows], "best": best}
+    data = {**meta, "rows": [r.as_dict() for r in rows], "best": best, "noise": noise}
     write_text(out_dir / f"latency_{name}.json", json.dumps(data, indent=2), "--out-dir")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md += ["", "Fastest path (best dense mode vs best sparse mode):", "",
@@ -283,9 +350,12 @@ def report(rows: list[Timing], name: str, out_dir: Path | None, console: Console
     header = (f"{name}, policy {policy}, {where}, torch {meta['torch']}, {meta['date']}; "
               f"median of {repeats} after {warmup} warm-up; peak MB = "
               f"{'CUDA memory one forward allocates' if device.type == 'cuda' else 'resident memory one forward adds'}\n\n")
+    md += [""] + noise
     write_text(out_dir / f"latency_{name}.md", header + "\n".join(md) + "\n", "--out-dir")
-    save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), {where}")
-    console.print(f"wrote {out_dir}/latency_{name}.json, .md and speedup_{name}.png")
+    if plot:
+        save_speedup_plot(rows, out_dir / f"speedup_{name}.png", f"{name} ({policy}), {where}")
+    if not quiet:
+        console.print(f"wrote {out_dir}/latency_{name}.json, .md" + (f" and speedup_{name}.png" if plot else ""))
 
 
 def cpu_name() -> str:

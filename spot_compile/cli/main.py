@@ -6,6 +6,7 @@ Commands that take MODEL_FILE run that Python file to build the model: only use 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ _FILE_HELP = (
 
 # The calibration defaults, read by calibrate's options: the CLI and the API default alike.
 DEFAULTS = CalibrationConfig()
+# bench's presets: the full grid, and --quick (a DeiT-Tiny in a few minutes on 2 cores)
+BENCH_FULL = {"budgets": "1.0,0.8,0.6,0.5", "batches": "1,8,64", "repeats": 10, "warmup": 3}
+BENCH_QUICK = {"budgets": "1.0,0.6", "batches": "1,8", "repeats": 5, "warmup": 2}
 
 policy_option = click.option(
     "--policy", type=click.Choice(policy_names()), default=None,
@@ -124,7 +128,8 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
 @click.option("--eval-images", type=click.IntRange(min=1), default=2000, show_default=True,
               help="With --data: evaluate on a fixed random subset of this many images.")
 @click.option("--token-maps", type=click.Path(path_type=Path), default=None,
-              help="With --data: draw the tokens kept at each stage over 6 of the images (PNG; policies that drop tokens).")
+              help="With --data: draw each stage's tokens over 6 of the images, one per class (PNG): kept and dropped "
+                   "patches for a dropping policy, merged groups for merging.")
 @normalization_options
 def apply(model_file, model_name, factory, checkpoint, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
           export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
@@ -144,9 +149,6 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
     if token_maps is not None and fuse:
         raise click.BadParameter("draws the tokens each stage keeps; --fuse blends the dropped ones into an extra token "
                                  "that belongs to no patch: drop --fuse for the maps", param_hint="--token-maps")
-    if token_maps is not None and policy_class(policy).reduction != "drop":
-        raise click.BadParameter(f"shows which tokens a dropping policy keeps; policy {policy!r} keeps every patch "
-                                 "inside merged tokens: choose --policy class-attention or spot", param_hint="--token-maps")
     model = _load(model_file, model_name, factory, checkpoint)
     evaluation = _evaluation_data(model, data_dir, input_size, eval_images, mean, std) if data_dir is not None else None
     with console.status("capturing and rewriting the graph"):
@@ -200,12 +202,14 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
                   f"{result.agreement:.2f}")
     console.print(table)
     if token_maps is not None:
-        from spot_compile.cli.visualize import kept_patches, save_token_maps
+        from spot_compile.cli.visualize import kept_patches, merged_groups, one_per_class, save_token_maps
 
-        images = data.images[:6]
-        maps = kept_patches(sparse, normalization(images))
-        save_token_maps(images, {sparse.plan.policy: maps}, token_maps, [data.classes[int(y)] for y in data.labels[:6]])
-        console.print(f"token maps written to {token_maps}")
+        chosen = one_per_class(data.labels, 6)
+        images = data.images[chosen]
+        draw = kept_patches if policy_class(sparse.plan.policy).reduction == "drop" else merged_groups
+        maps = draw(sparse, normalization(images))
+        save_token_maps(images, {sparse.plan.policy: maps}, token_maps, [data.classes[int(data.labels[i])] for i in chosen])
+        console.print(f"token maps written to {token_maps} ({len(chosen)} images, one per class where there are enough)")
 
 
 @main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {_FILE_HELP}")
@@ -301,25 +305,33 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
 
 @main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")
 @model_options
-@click.option("--budgets", default="1.0,0.8,0.6,0.5", show_default=True)
-@click.option("--batches", default="1,8,64", show_default=True)
+@click.option("--budgets", default=None, help=f"Default {BENCH_FULL['budgets']} ({BENCH_QUICK['budgets']} with --quick); "
+              "1.0 times the dense graph against itself: the noise check.")
+@click.option("--batches", default=None, help=f"Default {BENCH_FULL['batches']} ({BENCH_QUICK['batches']} with --quick).")
 @click.option("--modes", default=None,
               help="eager; compiled (torch.compile); frozen (torch.compile with Inductor weight freezing); aot "
                    "(AOTInductor shared library, the fastest at small batches, 20-45 s to build per graph); cudagraphs "
-                   "(torch.compile mode reduce-overhead, GPU). Default: eager,compiled,frozen on CPU, eager,compiled,cudagraphs on CUDA.")
+                   "(torch.compile mode reduce-overhead, GPU). Default: eager,compiled (and cudagraphs on CUDA).")
+@click.option("--quick", is_flag=True, help=f"A few minutes: budgets {BENCH_QUICK['budgets']}, batches {BENCH_QUICK['batches']}, "
+              f"{BENCH_QUICK['repeats']} repeats after {BENCH_QUICK['warmup']} warm-up (options given still win).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time the model.")
 @policy_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
-@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help=f"Default {BENCH_FULL['repeats']}.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help=f"Default {BENCH_FULL['warmup']}.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Write latency_<file>.json, .md and speedup_<file>.png here.")
-def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batches, modes, device, policy, predictors, repeats, warmup,
-          out_dir) -> None:
+              help="Write latency_<name>.json, .md and speedup_<name>.png here, the JSON and Markdown again after every "
+                   "batch measured (default: bench_<name>/ in the current directory).")
+def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batches, modes, quick, device, policy, predictors,
+          repeats, warmup, out_dir) -> None:
     from spot_compile.cli.bench import DEFAULT_MODES, MODES, report, run_bench
     from spot_compile.config import SparsifyConfig
     from spot_compile.serialization.files import check_writable_dir
 
+    preset = BENCH_QUICK if quick else BENCH_FULL
+    budgets, batches = budgets or preset["budgets"], batches or preset["batches"]
+    repeats = repeats if repeats is not None else preset["repeats"]
+    warmup = warmup if warmup is not None else preset["warmup"]
     try:
         budget_list = [float(b) for b in budgets.split(",")]
         batch_list = [int(b) for b in batches.split(",")]
@@ -327,8 +339,9 @@ def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batc
         raise click.BadParameter("give comma-separated numbers, e.g. --budgets 1.0,0.6 --batches 1,8") from None
     if any(b < 1 for b in batch_list):
         raise click.BadParameter(f"batch sizes must be at least 1, got {batches}", param_hint="--batches")
-    if out_dir is not None:
-        check_writable_dir(out_dir, "--out-dir")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_file.stem)  # timm:NAME -> timm_NAME
+    out_dir = out_dir if out_dir is not None else Path(f"bench_{name}")
+    check_writable_dir(out_dir, "--out-dir")
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is available here; time on --device cpu", param_hint="--device")
     mode_list = tuple(m.strip() for m in modes.split(",")) if modes else DEFAULT_MODES[device]
@@ -341,8 +354,20 @@ def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batc
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = {"policy": policy, "predictors": str(predictors) if predictors else None}
     model = _load(model_file, model_name, factory, checkpoint).to(device)
-    rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config)
-    report(rows, model_file.stem, out_dir, console, repeats, warmup, policy, device)
+    measured: list = []
+
+    def keep(rows) -> None:  # after every batch: an interrupted run leaves what it measured
+        measured[:] = rows
+        report(rows, name, out_dir, console, repeats, warmup, policy, device, plot=False, quiet=True)
+
+    try:
+        rows = run_bench(model, budget_list, batch_list, mode_list, input_size, warmup, repeats, console, config, on_rows=keep)
+    except KeyboardInterrupt:
+        rows = measured
+        console.print(f"[yellow]interrupted: reporting the {len(rows)} rows measured so far")
+        if not rows:
+            sys.exit(130)
+    report(rows, name, out_dir, console, repeats, warmup, policy, device)
 
 
 @main.command(help="Run the built-in default: the shipped Fashion-MNIST ViT, dense vs sparse, on the real test split.")

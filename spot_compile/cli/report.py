@@ -23,7 +23,9 @@ def blocks_table(structure: ModelStructure) -> Table:
     return table
 
 
-def plan_table(plan: SparsityPlan, latency: tuple[float, float] | None = None) -> Group:
+def plan_table(plan: SparsityPlan, latency=None) -> Group:
+    """The plan as a table with its FLOPs; `latency` (a `bench.QuickLatency`) adds the eager timing, its spread and
+    the noise check."""
     table = Table(title=f"spot-compile plan: policy {plan.policy}, budget {plan.budget}")
     # Patch tokens are what a budget reduces; the totals add the special tokens (class, registers) and a fused token.
     for column in ("stage", "before block", "patch tokens kept", "tokens in (all)", "tokens kept (all)"):
@@ -34,10 +36,23 @@ def plan_table(plan: SparsityPlan, latency: tuple[float, float] | None = None) -
         f"FLOPs/image: dense {plan.dense_flops / 1e9:.4f} G, sparse {plan.sparse_flops / 1e9:.4f} G, "
         f"ratio {plan.flops_ratio:.3f} (torch FlopCounterMode)"
     ]
+    texts = [Text(line) for line in lines]
     if latency:
-        lines.append(f"eager latency, batch 8: dense {latency[0] * 1e3:.1f} ms, sparse {latency[1] * 1e3:.1f} ms, "
-                     f"ratio {latency[1] / latency[0]:.3f} (median of 5)")
-    return Group(table, *(Text(line) for line in lines))
+        texts += latency_lines(latency)
+    return Group(table, *texts)
+
+
+def latency_lines(t) -> list[Text]:
+    """A `bench.QuickLatency` as lines: the ratio with its interquartile range, the noise check, and a warning
+    when the dense model timed against itself says the machine is too noisy for the ratio to mean anything."""
+    lines = [Text(f"eager latency, batch {t.batch}: dense {t.dense_ms:.1f} ms, sparse {t.sparse_ms:.1f} ms, ratio "
+                  f"{t.ratio.text(3)} (median and interquartile range of {t.repeats} interleaved rounds); noise check, "
+                  f"dense against itself: {t.noise.text(3)}")]
+    if t.noise.too_noisy:
+        lines.append(Text(f"warning: the machine is too noisy to trust this latency ratio: the dense model timed against "
+                          f"itself reads {t.noise.median:.3f}, not 1.000; rerun on a quiet machine, or use "
+                          "spot-compile bench for more repeats", style="yellow"))
+    return lines
 
 
 def _fmt(arg) -> str:

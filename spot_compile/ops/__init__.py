@@ -18,12 +18,12 @@ from spot_compile.ops.attention import (
     masked_attention_probs,
     masked_softmax,
 )
-from spot_compile.ops.merging import key_metric, merge_tokens, size_bias
+from spot_compile.ops.merging import key_metric, merge_destinations, merge_tokens, size_bias
 from spot_compile.ops.tokens import kept_indices, kept_patch_indices, prune_tokens, scale_by_keep, token_positions
 
 __all__ = [
     "attention_probs", "attention_received", "class_attention_probs", "class_attention_qk", "descriptor_from_logits",
     "interaction_descriptor", "kept_indices", "kept_patch_indices", "key_metric", "masked_attention",
-    "masked_attention_probs", "masked_softmax", "merge_tokens", "prune_tokens", "scale_by_keep", "size_bias",
+    "masked_attention_probs", "masked_softmax", "merge_destinations", "merge_tokens", "prune_tokens", "scale_by_keep", "size_bias",
     "token_positions",
 ]

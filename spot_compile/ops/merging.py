@@ -26,14 +26,9 @@ def merge_tokens(
     """
     b, n, d = tokens.shape
     s = num_special
-    r = n - s - keep
     if sizes is None:
         sizes = tokens.new_ones(b, n, 1)
-    m = F.normalize(metric[:, s:], dim=-1)
-    similarity = m[:, ::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
-    best, partner = similarity.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)
-    merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
+    partner, merged_a, kept_a = _match(metric, s, n - s - keep)
     # The size rides along as one more channel, so tokens and sizes move through a single gather and scatter.
     x = torch.cat([tokens[:, s:] * sizes[:, s:], sizes[:, s:]], dim=-1)
     xa, xb = x[:, ::2], x[:, 1::2]
@@ -42,6 +37,33 @@ def merge_tokens(
     out = torch.cat([xa.gather(1, kept_a[..., None].expand(-1, -1, d + 1)), xb], dim=1)
     out_sizes = out[..., d:]
     return torch.cat([tokens[:, :s], out[..., :d] / out_sizes], dim=1), torch.cat([sizes[:, :s], out_sizes], dim=1)
+
+
+def _match(metric: torch.Tensor, num_special: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching of the patch tokens: each A token's most similar B token (`partner`, B x |A|), the
+    `r` A tokens merged (most similar first) and the A tokens kept, in their order."""
+    m = F.normalize(metric[:, num_special:], dim=-1)
+    similarity = m[:, ::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
+    best, partner = similarity.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    return partner, order[:, :r], order[:, r:].sort(dim=-1).values
+
+
+def merge_destinations(metric: torch.Tensor, num_special: int, keep: int) -> torch.Tensor:
+    """(B, N) long: for each token entering `merge_tokens` with this `metric`, the index of the token it is part of
+    afterwards (special tokens stay where they are), so that merged groups can be traced and drawn."""
+    b, n, _ = metric.shape
+    s = num_special
+    partner, merged_a, kept_a = _match(metric, s, n - s - keep)
+    a_count, kept = partner.shape[1], kept_a.shape[1]
+    dest_a = torch.empty(b, a_count, dtype=torch.long, device=metric.device)
+    dest_a.scatter_(1, kept_a, s + torch.arange(kept, device=metric.device).expand(b, -1))
+    dest_a.scatter_(1, merged_a, s + kept + partner.gather(1, merged_a))
+    dest_b = s + kept + torch.arange(n - s - a_count, device=metric.device).expand(b, -1)
+    dest = torch.empty(b, n, dtype=torch.long, device=metric.device)
+    dest[:, :s] = torch.arange(s, device=metric.device)
+    dest[:, s::2], dest[:, s + 1 :: 2] = dest_a, dest_b
+    return dest
 
 
 def size_bias(sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
