@@ -43,3 +43,20 @@ def test_cli_tables_and_dumps_survive_a_pipe(tmp_path):
     assert result.exit_code == 0, result.output
     assert "…" not in result.output and "patch tokens kept" in result.output and "tokens kept (all)" in result.output
     assert max(len(line) for line in result.output.splitlines()) > 80  # nothing folded to the 80 columns of a pipe
+
+
+def test_every_error_line_has_one_prefix(tmp_path):
+    """click's own usage errors and spot-compile's one-line errors both say `error:`, not `Error:` for some."""
+    from click.testing import CliRunner
+
+    from spot_compile.cli.main import main
+
+    runner = CliRunner()
+    usage = runner.invoke(main, ["bench", str(tmp_path / "m.py"), "--repeats", "0"])
+    ours = runner.invoke(main, ["apply", str(tmp_path / "absent.py")])
+    unknown = runner.invoke(main, ["--bogus"])
+    for result in (usage, ours, unknown):
+        assert result.exit_code == 2
+        lines = [line for line in result.output.splitlines() if "rror:" in line]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Usage: " in usage.output and "0 is not in the range x>=1" in usage.output

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from spot_compile.calibration.config import FINETUNE_GRAPHS, MASK_GRADIENTS, PRECISIONS, CalibrationConfig
 from spot_compile.config import DEFAULT_POLICY
@@ -44,7 +45,27 @@ policy_option = click.option(
 
 
 class SpotGroup(click.Group):
-    """Turns SpotError into a one-line message and exit code 2; --debug shows the traceback."""
+    """Turns SpotError into a one-line message and exit code 2; --debug shows the traceback. click's own usage
+    errors get the same `error:` prefix (click writes `Error:`), after its usage line and hint."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if e.ctx is not None:
+                click.echo(e.ctx.get_usage(), err=True)
+                click.echo(f"Try '{e.ctx.command_path} --help' for help.\n", err=True)
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -53,7 +74,7 @@ class SpotGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it; rank 0 unmarked
-            err_console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error{f' (rank {rank})' if rank else ''}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             ctx.exit(2)
 
 
