@@ -129,3 +129,25 @@ def test_a_calibration_says_how_few_steps_it_has_and_what_the_dense_model_scores
     assert "warning: 2 optimizer steps per phase (16 training images, batch 4 x 1 process(es), 1 epoch(s))" in text
     dense = result.checkpoint.metrics["dense_val_top1"]
     assert f"validation top-1 of the dense model: {dense:.2f}%" in text and f"dense model {dense:.2f}%" in text
+
+
+def test_the_log_the_jsonl_and_the_table_count_epochs_within_their_named_phase(tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    train, val = _data()
+    printed = io.StringIO()
+    out = tmp_path / "p.pt"
+    config = CalibrationConfig.from_flat(budget=0.6, batch_size=8, epochs=2, finetune=True, compile=False, out=str(out))
+    result = sc.calibrate(small_vit(), train, val, config, console=Console(file=printed, width=300))
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    steps = [(r["phase"], r["epoch"]) for r in records if "step" in r and "validation" not in r]
+    assert steps == [("calibrate", 1), ("calibrate", 1), ("calibrate", 2), ("calibrate", 2),
+                     ("tune", 1), ("tune", 1), ("tune", 2), ("tune", 2)]
+    ends = [(r["validation"]["phase"], r["validation"]["epoch"]) for r in records if "validation" in r]
+    assert ends == [("calibrate", 1), ("calibrate", 2), ("tune", 1), ("tune", 2)]
+    assert [(r["phase"], r["epoch"]) for r in result.history] == ends
+    text = printed.getvalue()
+    assert "epoch 2: loss" in text and "tune epoch 1: loss" in text and "tune 1" not in text

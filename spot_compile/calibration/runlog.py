@@ -25,21 +25,29 @@ class RunLog:
         self.path, self.file = path, _open_log(path, resumed) if path is not None else None
         self.start = self.last_line = time.perf_counter()
         self.steps_here = 0  # steps run by this process: the rate is this process's own
+        self.timed_from: float | None = None  # the end of this process's first step, which includes the compile
 
     def images_per_s(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.steps_here * self.batch_size / elapsed if elapsed > 0 else 0.0
+        """This process's rate over its steps after the first, so that neither the rate nor the ETA counts the
+        compile the first step pays for (0 until a second step is done)."""
+        if self.timed_from is None or self.steps_here < 2:
+            return 0.0
+        elapsed = time.perf_counter() - self.timed_from
+        return (self.steps_here - 1) * self.batch_size / elapsed if elapsed > 0 else 0.0
 
     def step(self, step: int, epoch: int, metrics: dict) -> None:
         """After optimizer step `step` (1-based): one JSON line, and a plain line now and then off a terminal."""
         self.steps_here += 1
+        if self.steps_here == 1:
+            self.timed_from = time.perf_counter()
         rate = self.images_per_s()
         self._write({"step": step, "epoch": epoch, **metrics, "images_per_s": rate})
         now = time.perf_counter()
         if not self.console.is_terminal and (now - self.last_line >= self.every_s or step == self.total):
             self.last_line = now
             left = (self.total - step) * self.batch_size / rate if rate > 0 else float("nan")
-            self.console.print(f"step {step}/{self.total} ({100 * step / self.total:.0f} %), epoch {epoch}, "
+            phase = "tune epoch" if metrics.get("phase") == "tune" else "epoch"
+            self.console.print(f"step {step}/{self.total} ({100 * step / self.total:.0f} %), {phase} {epoch}, "
                                f"loss {metrics['loss']:.4f}, {rate:.1f} img/s, ETA {_duration(left)}", highlight=False)
 
     def validation(self, record: dict) -> None:

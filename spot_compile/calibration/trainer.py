@@ -339,7 +339,9 @@ class Calibrator:
         if phase == 1 and not self.tuner:
             self.start_tuning(fresh=True)
         self.train_mode()
-        name = f"tune {epoch - epochs + 1}" if phase else f"epoch {epoch + 1}"
+        # every report (console, JSON lines, table) counts epochs within their phase and names the phase
+        within = epoch - phase * epochs + 1
+        name = f"tune epoch {within}" if phase else f"epoch {within}"
         sums, n, first = dict.fromkeys(TERMS, 0.0), 0, 0
         if self.resume is not None and epoch == self.start_epoch:
             if self.resume["batch"]:
@@ -355,13 +357,13 @@ class Calibrator:
             n += 1
             self.progress.update(self.task, advance=1, description=f"{name} loss {sums['loss'] / n:.3f}",
                                  rate=f"{self.log.images_per_s():.1f} img/s")
-            self._log_step(epoch, phase, parts)
+            self._log_step(within, phase, parts)
             self._between_steps(epoch, i, end, sums, n)
         top1 = self.validate()
         self.keep_if_best(top1)
         for m in self.predictors.values():
             m.eval()
-        row = {"epoch": epoch + 1, "phase": self.config.phases[phase], **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": top1}
+        row = {"epoch": within, "phase": self.config.phases[phase], **{k: v / max(n, 1) for k, v in sums.items()}, "val_top1": top1}
         self.history.append(row)
         self.log.validation(row)
         self.progress.console.print(f"{name}: loss {row['loss']:.3f}  val top-1 (pruned) {row['val_top1']:.2f}%")
@@ -398,10 +400,11 @@ class Calibrator:
         return dict(zip(TERMS, values))
 
     def _log_step(self, epoch: int, phase: int, parts: dict[str, float]) -> None:
+        """One JSON line for the step just taken; `epoch` counts from 1 within `phase`."""
         optimizer = self.tuner["opt"] if self.tuner else self.opt
         # the keep-ratio loss is "ratio_loss" in the log, apart from the keep ratios themselves
         ratios = {} if self.tuner else {"keep_ratio": {str(s): float(self.keepers[s].soft_ratio.detach().mean()) for s in self.stages}}
-        self.log.step(self.step_count, epoch + 1, {**{k: v for k, v in parts.items() if k != "ratio"}, "ratio_loss": parts["ratio"],
+        self.log.step(self.step_count, epoch, {**{k: v for k, v in parts.items() if k != "ratio"}, "ratio_loss": parts["ratio"],
                                                    "lr": [g["lr"] for g in optimizer.param_groups],
                                                    "phase": self.config.phases[phase], **ratios})
 
