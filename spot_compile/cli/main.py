@@ -244,8 +244,9 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
                    "stage keeps a little less than the object's share of the image (docs/spot.md, 'Which keep ratio to rank at').")
 @click.option("--stages", default=None, help=f"Block indices, e.g. 3,6,9 (default: {policy_class('spot').stages_text}).")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.optim.epochs, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per phase at most (with --finetune the backbone's tune is a second phase of as many: "
-              "twice this in all).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps per phase at most (with --finetune the backbone's tune is a second phase of as many: "
+                   "twice this in all).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.optim.batch_size, show_default=True)
 @click.option("--lr", type=float, default=DEFAULTS.optim.lr, show_default=True)
 @click.option("--noise", type=float, default=DEFAULTS.optim.noise, show_default=True, help="Scale of the Gumbel exploration noise on the scores.")
