@@ -3,7 +3,8 @@
     python -m benchmarks.merging          # writes docs/results/merging/merging.{json,md} and accuracy_vs_flops_merging.png
 
 Every policy runs on the same shipped backbone at the same budgets, in one run: merge (ToMe-style, every block after
-the first, and at the pruning stages only), class attention, random, and the shipped SPOT predictors (calibrated, with
+the first, and at the pruning stages only; and with ToMe's own placement, inside every block between attention and
+MLP, `merge_at="attention"`), class attention, random, and the shipped SPOT predictors (calibrated, with
 their tuned backbone: the one row here with training, for reference).
 """
 
@@ -28,7 +29,7 @@ from spot_compile.measure.accuracy import accuracy
 from spot_compile.models.zoo import SHIPPED_PREDICTORS, load_shipped_model
 from spot_compile.policies import default_stages
 
-BUDGETS = (0.5, 0.6, 0.7, 0.8)
+BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def main() -> None:
@@ -45,6 +46,7 @@ def main() -> None:
     drop_stages = default_stages(model.cfg.depth)
     variants = {
         "merge": {"policy": "merge"},
+        "merge, ToMe's placement (inside every block)": {"policy": sc.MergeConfig(merge_at="attention")},
         f"merge at {','.join(map(str, drop_stages))}": {"policy": "merge", "stages": drop_stages},
         "class-attention": {"policy": "class-attention"},
         "random": {"policy": "random"},

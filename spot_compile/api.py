@@ -176,7 +176,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers:
     policy: TokenPolicy = policy_class(config.policy)(config, model, structure)
     stages = config.stages or policy.fixed_stages or policy.default_stages(depth)
     for s in stages:
-        structure.check_stage(s, BudgetError)
+        structure.check_stage(s, BudgetError, policy.first_stage)
     one = example[:1]
     dense_flops = count_flops(captured, one)
     patch_tokens = structure.tokens - structure.num_special

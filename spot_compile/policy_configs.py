@@ -90,9 +90,22 @@ def config_names() -> tuple[str, ...]:
 @register_config
 @dataclass(frozen=True)
 class MergeConfig(PolicyConfig):
-    """Policy "merge": ToMe's token merging; no settings of its own yet."""
+    """Policy "merge": ToMe's token merging.
+
+    merge_at: where each stage merges. "block" (the default): in front of block j, on block j-1's keys, over the
+        patch tokens. "attention": ToMe as published (`tome/patch/timm.py`): inside block j, between its attention
+        and its MLP, on block j's keys, over all tokens with the class (and distillation) token protected; its
+        default stages are every block, the first included."""
 
     name = "merge"
+    merge_at: str = "block"
+
+    def __post_init__(self) -> None:
+        if self.merge_at not in MERGE_AT:
+            raise BudgetError(f"merge_at must be one of {', '.join(MERGE_AT)}, got {self.merge_at!r}")
+
+
+MERGE_AT = ("block", "attention")
 
 
 @register_config

@@ -109,3 +109,63 @@ def eager_merged(model, x, stages, keep):
     if cfg.pool == "cls":
         return model.head(x[:, 0])
     return model.head(x[:, cfg.num_registers:].mean(dim=1))
+
+
+def tome_published_merge(x, size, metric, r, class_token, distill_token):
+    """One merge as facebookresearch/ToMe publishes it (`tome/merge.py`: `bipartite_soft_matching`, then
+    `merge_wavg`), restated here step by step: sets A and B alternate over all tokens; the class token's similarity
+    row and the distillation token's column are -inf; the r best-matched A tokens are summed into their partners
+    (sizes weight the sum); the unmerged A tokens stay in similarity order, sorted back only with a class token;
+    with a distillation token the output reads [A0, B0, A1.., B1..]."""
+    r = min(r, (metric.shape[1] - int(class_token) - int(distill_token)) // 2)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)
+    if class_token:
+        similarity[:, 0, :] = float("-inf")
+    if distill_token:
+        similarity[:, :, 0] = float("-inf")
+    best, partner = similarity.max(dim=-1)
+    ranked = best.argsort(dim=-1, descending=True)
+    stay, go = ranked[:, r:], ranked[:, :r]
+    if class_token:
+        stay = stay.sort(dim=1).values
+    into = partner.gather(1, go)
+
+    def combine(t):
+        a, b = t[:, ::2], t[:, 1::2]
+        width = t.shape[-1]
+        kept = a.gather(1, stay[..., None].expand(-1, -1, width))
+        b = b.scatter_reduce(1, into[..., None].expand(-1, -1, width), a.gather(1, go[..., None].expand(-1, -1, width)), reduce="sum")
+        if distill_token:
+            return torch.cat([kept[:, :1], b[:, :1], kept[:, 1:], b[:, 1:]], dim=1)
+        return torch.cat([kept, b], dim=1)
+
+    size = torch.ones_like(x[..., :1]) if size is None else size
+    summed, size = combine(x * size), combine(size)
+    return summed / size, size
+
+
+@torch.no_grad()
+def tome_published_logits(model, x, r):
+    """A timm VisionTransformer's logits with ToMe's published timm patch (`tome/patch/timm.py`, prop_attn on): in each
+    block, attention with the log token sizes added to its logits, then `r[i]` tokens merged on the mean of the
+    block's keys over heads, then the MLP on the merged tokens."""
+    class_token = model.cls_token is not None
+    distill_token = getattr(model, "dist_token", None) is not None
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    size = None
+    for block, merges in zip(model.blocks, r):
+        attn = block.attn
+        y = block.norm1(h)
+        b, n, c = y.shape
+        q, k, v = attn.qkv(y).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = q @ k.transpose(-2, -1) * attn.scale
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        h = h + block.ls1(attn.proj(getattr(attn, "norm", torch.nn.Identity())(out)))
+        if merges > 0:
+            h, size = tome_published_merge(h, size, k.mean(1), merges, class_token, distill_token)
+        h = h + block.ls2(block.mlp(block.norm2(h)))
+    return model.forward_head(model.norm(h))

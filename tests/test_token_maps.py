@@ -55,3 +55,12 @@ def test_colour_images_are_drawn_in_colour_and_both_kinds_of_map_are_saved(tmp_p
     groups = [torch.randint(0, 20, (2, 64))]
     save_token_maps(images, {"class-attention": kept, "merge": groups}, tmp_path / "maps.png", ["a", "b"])
     assert (tmp_path / "maps.png").stat().st_size > 1000
+
+
+def test_merged_groups_follow_tomes_placement_too():
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy=sc.MergeConfig(merge_at="attention")))
+    maps = merged_groups(sparse, torch.randn(2, 1, 16, 16))
+    assert len(maps) == len(sparse.plan.stages)
+    for stage, groups in zip(sparse.plan.stages, maps):
+        assert all(image.unique().numel() == stage.keep for image in groups)

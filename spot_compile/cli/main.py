@@ -20,6 +20,7 @@ from spot_compile.config import DEFAULT_POLICY
 from spot_compile.data.preprocessing import AUGMENTATIONS
 from spot_compile.errors import SpotError
 from spot_compile.policies import policy_class, policy_help, policy_names, stages_help
+from spot_compile.policy_configs import MERGE_AT, MergeConfig
 
 # Off a terminal (a pipe, a job's log) rich would cut tables to 80 columns; a wide console keeps every cell whole.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -42,6 +43,22 @@ BENCH_QUICK = {"budgets": "1.0,0.6", "batches": "1,8", "repeats": 5, "warmup": 2
 policy_option = click.option(
     "--policy", type=click.Choice(policy_names()), default=None,
     help=f"How tokens are reduced (default: spot with --predictors, else {DEFAULT_POLICY}). {policy_help()}.")
+
+
+merge_at_option = click.option(
+    "--merge-at", type=click.Choice(MERGE_AT), default=None,
+    help="With --policy merge: block (the default: in front of each block, on the previous block's keys) or attention "
+         "(ToMe as published: inside each block, between attention and MLP, on its own keys; every block merges).")
+
+
+def _policy(policy: str, merge_at: str | None):
+    """The --policy value as the config takes it: the name, or a MergeConfig where --merge-at is given."""
+    if merge_at is None:
+        return policy
+    if policy != "merge":
+        raise click.BadParameter(f"it places merging, and policy {policy!r} does not merge: drop it, or use --policy merge",
+                                 param_hint="--merge-at")
+    return MergeConfig(merge_at=merge_at)
 
 
 class SpotGroup(click.Group):
@@ -135,6 +152,7 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
 @click.option("--budget", type=float, default=0.6, show_default=True, help="Sparse FLOPs as a fraction of dense, in (0, 1].")
 @click.option("--stages", default=None, help=f"Block indices to reduce tokens in front of, e.g. 3,6,9 (default, by policy: {stages_help()}).")
 @policy_option
+@merge_at_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors (spot-compile calibrate).")
 @click.option("--fuse", is_flag=True, help="Fuse dropped tokens into one extra token (EViT-style).")
 @click.option("--dump", is_flag=True, help="Print the rewritten graph: inserted nodes marked +, the model's nodes rewired to read them ~.")
@@ -152,7 +170,7 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
               help="With --data: draw each stage's tokens over 6 of the images, one per class (PNG): kept and dropped "
                    "patches for a dropping policy, merged groups for merging.")
 @normalization_options
-def apply(model_file, model_name, factory, checkpoint, input_size, budget, stages, policy, predictors, fuse, dump, dump_file, out,
+def apply(model_file, model_name, factory, checkpoint, input_size, budget, stages, policy, merge_at, predictors, fuse, dump, dump_file, out,
           export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
     from spot_compile import SparsifyConfig, save, sparsify
     from spot_compile.cli.bench import quick_latency
@@ -160,7 +178,7 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
     from spot_compile.serialization.files import atomic_file, check_writable_file, write_text
 
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
-    config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=policy, fuse_pruned=fuse, input_size=input_size,
+    config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=_policy(policy, merge_at), fuse_pruned=fuse, input_size=input_size,
                             predictors=str(predictors) if predictors else None)
     for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (token_maps, "--token-maps")):
         if path is not None:  # before the slow work, so that a typo costs nothing
@@ -175,7 +193,7 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
     with console.status("capturing and rewriting the graph"):
         sparse = sparsify(model, config)
     timing = quick_latency(model, sparse) if latency else None
-    console.print(plan_table(sparse.plan, timing))
+    console.print(plan_table(sparse.plan, timing, inside_blocks=getattr(sparse.config.policy_config, "merge_at", "") == "attention"))
     if dump:
         console.print(dump_graph(sparse.graph_module), soft_wrap=True)  # a graph line is not wrapped
     if dump_file:
@@ -339,13 +357,14 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
               f"{BENCH_QUICK['repeats']} repeats after {BENCH_QUICK['warmup']} warm-up (options given still win).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to time the model.")
 @policy_option
+@merge_at_option
 @click.option("--predictors", type=click.Path(path_type=Path), default=None, help="Calibrated SPOT predictors.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help=f"Default {BENCH_FULL['repeats']}.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help=f"Default {BENCH_FULL['warmup']}.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="Write latency_<name>.json, .md and speedup_<name>.png here, the JSON and Markdown again after every "
                    "batch measured (default: bench_<name>/ in the current directory).")
-def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batches, modes, quick, device, policy, predictors,
+def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batches, modes, quick, device, policy, merge_at, predictors,
           repeats, warmup, out_dir) -> None:
     from spot_compile.cli.bench import DEFAULT_MODES, MODES, report, run_bench
     from spot_compile.config import SparsifyConfig
@@ -375,7 +394,7 @@ def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batc
     for b in budget_list:
         SparsifyConfig(budget=b)
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
-    config = {"policy": policy, "predictors": str(predictors) if predictors else None}
+    config = {"policy": _policy(policy, merge_at), "predictors": str(predictors) if predictors else None}
     model = _load(model_file, model_name, factory, checkpoint).to(device)
     measured: list = []
 

@@ -23,12 +23,13 @@ def blocks_table(structure: ModelStructure) -> Table:
     return table
 
 
-def plan_table(plan: SparsityPlan, latency=None) -> Group:
+def plan_table(plan: SparsityPlan, latency=None, inside_blocks: bool = False) -> Group:
     """The plan as a table with its FLOPs; `latency` (a `bench.QuickLatency`) adds the eager timing, its spread and
-    the noise check."""
+    the noise check. `inside_blocks`: the stages reduce inside their block, after its attention (ToMe's placement)."""
     table = Table(title=f"spot-compile plan: policy {plan.policy}, budget {plan.budget}")
+    where = "in block (after attention)" if inside_blocks else "before block"
     # Patch tokens are what a budget reduces; the totals add the special tokens (class, registers) and a fused token.
-    for column in ("stage", "before block", "patch tokens kept", "tokens in (all)", "tokens kept (all)"):
+    for column in ("stage", where, "patch tokens kept", "tokens in (all)", "tokens kept (all)"):
         table.add_column(column)
     for i, s in enumerate(plan.stages):
         table.add_row(str(i + 1), str(s.block), str(s.keep), str(s.tokens_in), str(s.tokens_out))

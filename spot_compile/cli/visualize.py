@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from torch.fx import Interpreter  # noqa: E402
 
 from spot_compile import ops  # noqa: E402
+from spot_compile.ops.merging import tome_destinations, tome_merge  # noqa: E402
 from spot_compile.serialization.files import atomic_file  # noqa: E402
 
 
@@ -42,6 +43,9 @@ class _MergeRecorder(Interpreter):
         if n.op == "call_function" and n.target is ops.merge_tokens:
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.destinations.append(ops.merge_destinations(*args[2:5]))  # metric, num_special, keep
+        elif n.op == "call_function" and n.target is tome_merge:  # merge_at="attention"
+            tokens, _, metric, class_token, distill_token, keep = self.fetch_args_kwargs_from_env(n)[0]
+            self.destinations.append(tome_destinations(metric, class_token, distill_token, tokens.shape[1] - keep))
         return super().run_node(n)
 
 

@@ -86,12 +86,13 @@ class ModelStructure:
     def has_class_token(self) -> bool:
         return self.class_token is not None
 
-    def check_stage(self, block: int, error: type[Exception] = StructureError) -> None:
-        """Refuses a stage in front of `block` unless the model has that block and one before it (the first block's
-        input is the embedding: there is nothing to score yet)."""
+    def check_stage(self, block: int, error: type[Exception] = StructureError, first: int = 1) -> None:
+        """Refuses a stage at `block` unless the model has that block and, with `first` 1 (a reduction in front of
+        the block), one before it: the first block's input is the embedding, with nothing to score yet. A policy
+        that reduces inside a block, after its attention, allows block 0 (`first` 0)."""
         depth = len(self.blocks)
-        if not (isinstance(block, int) and 1 <= block < depth):
-            raise error(f"stage {block} is out of range: the model has {depth} blocks, so stages must be in 1..{depth - 1}")
+        if not (isinstance(block, int) and first <= block < depth):
+            raise error(f"stage {block} is out of range: the model has {depth} blocks, so stages must be in {first}..{depth - 1}")
 
 
 def find_blocks(gm: GraphModule) -> ModelStructure:

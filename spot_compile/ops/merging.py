@@ -4,6 +4,8 @@ size-weighted averages, and the log-size bias of proportional attention. The gra
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +66,58 @@ def merge_destinations(metric: torch.Tensor, num_special: int, keep: int) -> tor
     dest[:, :s] = torch.arange(s, device=metric.device)
     dest[:, s::2], dest[:, s + 1 :: 2] = dest_a, dest_b
     return dest
+
+
+def tome_destinations(metric: torch.Tensor, class_token: bool, distill_token: bool, r: int) -> torch.Tensor:
+    """(B, N) long: where each of N tokens goes under ToMe's published matching (`tome/merge.py`,
+    `bipartite_soft_matching`), which runs over *all* tokens: alternate tokens form sets A and B, so the class token
+    is A's first and a distillation token B's first; the class token's row and the distillation token's column of
+    the similarities are -inf, so neither is ever merged; the r best-matched A tokens go into their partners. The
+    output is ToMe's: the unmerged A tokens (in their order where there is a class token, else most similar first),
+    then B; with a distillation token, class and distillation token first."""
+    b, n, _ = metric.shape
+    m = F.normalize(metric, dim=-1)
+    similarity = m[:, ::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
+    if class_token:
+        similarity[:, 0, :] = -math.inf
+    if distill_token:
+        similarity[:, :, 0] = -math.inf
+    best, partner = similarity.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    merged_a, kept_a = order[:, :r], order[:, r:]
+    if class_token:
+        kept_a = kept_a.sort(dim=-1).values
+    a_count, kept = partner.shape[1], kept_a.shape[1]
+    device = metric.device
+    unmerged_slot = torch.arange(kept, device=device)
+    b_slot = kept + torch.arange(n - a_count, device=device)
+    if distill_token:  # [unmerged A 0 (the class token), B 0 (the distillation token), unmerged A 1.., B 1..]
+        unmerged_slot = torch.where(unmerged_slot > 0, unmerged_slot + 1, unmerged_slot)
+        b_slot = torch.where(b_slot > kept, b_slot, torch.ones_like(b_slot))
+    dest_a = torch.empty(b, a_count, dtype=torch.long, device=device)
+    dest_a.scatter_(1, kept_a, unmerged_slot.expand(b, -1))
+    dest_a.scatter_(1, merged_a, b_slot[partner.gather(1, merged_a)])
+    dest = torch.empty(b, n, dtype=torch.long, device=device)
+    dest[:, ::2], dest[:, 1::2] = dest_a, b_slot.expand(b, -1)
+    return dest
+
+
+def merge_into(tokens: torch.Tensor, sizes: torch.Tensor | None, dest: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted averages of `tokens` (B, N, D) into `count` tokens, token i going into `dest[:, i]` (ToMe's
+    `merge_wavg`); and their sizes (B, count, 1). `sizes` None: one patch each."""
+    b, n, d = tokens.shape
+    if sizes is None:
+        sizes = tokens.new_ones(b, n, 1)
+    x = torch.cat([tokens * sizes, sizes], dim=-1)  # the size rides along: one scatter for both
+    out = x.new_zeros(b, count, d + 1).scatter_add(1, dest[..., None].expand(-1, -1, d + 1), x)
+    return out[..., :d] / out[..., d:], out[..., d:]
+
+
+def tome_merge(tokens: torch.Tensor, sizes: torch.Tensor | None, metric: torch.Tensor, class_token: bool,
+               distill_token: bool, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's merge as published, to `keep` tokens in all (`tome_destinations`, `merge_into`)."""
+    dest = tome_destinations(metric, class_token, distill_token, tokens.shape[1] - keep)
+    return merge_into(tokens, sizes, dest, keep)
 
 
 def size_bias(sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,12 @@ class StagePass(FunctionPass):
     """A token reduction in front of block `before_block` (`fn(gm)` rewrites in place); `requires` refuses a block the
     model does not have or the first one, once for every policy's pass."""
 
-    def __init__(self, fn: Callable[[GraphModule], object], structure, before_block: int, name: str) -> None:
+    def __init__(self, fn: Callable[[GraphModule], object], structure, before_block: int, name: str, first: int = 1) -> None:
         super().__init__(fn, name)
-        self.structure, self.before_block = structure, before_block
+        self.structure, self.before_block, self.first = structure, before_block, first
 
     def requires(self, graph_module: GraphModule) -> None:
-        self.structure.check_stage(self.before_block)
+        self.structure.check_stage(self.before_block, first=self.first)
 
 
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, keep_calls: bool = True) -> PassResult:

@@ -70,6 +70,12 @@ class TokenPolicy(ABC):
     def default_stages(self, depth: int) -> tuple[int, ...]:
         return default_stages(depth)
 
+    @property
+    def first_stage(self) -> int:
+        """The first block a stage may be at: 1 for a reduction in front of a block (the default), 0 for one inside
+        a block, after its attention."""
+        return 1
+
     def schedule(self, patch_tokens: int, num_stages: int, rho: float) -> tuple[int, ...]:
         """Patch tokens kept after each stage for a keep rate `rho` in [0, 1] (1: every token), never growing, and
         monotone in `rho` (the budget search bisects on it). By default DynamicViT's geometric schedule (rho**s)."""
@@ -87,7 +93,8 @@ class TokenPolicy(ABC):
 
     def stage_pass(self, structure: ModelStructure, before_block: int, keep: int) -> PassBase:
         """`reduce` at one stage, behind the pass contract of `passes.pipeline`."""
-        return StagePass(lambda gm: self.reduce(gm, structure, before_block, keep), structure, before_block, f"{self.name}@{before_block}")
+        return StagePass(lambda gm: self.reduce(gm, structure, before_block, keep), structure, before_block,
+                         f"{self.name}@{before_block}", self.first_stage)
 
 
 class DropPolicy(TokenPolicy):
