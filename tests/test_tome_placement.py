@@ -77,3 +77,18 @@ def test_special_tokens_tome_does_not_know_are_refused_in_one_line():
         sc.sparsify(model, sc.SparsifyConfig(budget=0.7, policy=sc.MergeConfig(merge_at="attention")))
     with pytest.raises(sc.SpotError, match="merge_at must be one of block, attention"):
         sc.MergeConfig(merge_at="mlp")
+
+
+def test_the_cli_places_merging_with_merge_at(tmp_path):
+    from click.testing import CliRunner
+
+    from spot_compile.cli.main import main
+
+    from .test_cli import MODEL_FILE, _write
+
+    path = _write(tmp_path, MODEL_FILE)
+    result = CliRunner().invoke(main, ["apply", path, "--merge-at", "attention", "--no-latency"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "in block (after attention)" in result.output
+    refused = CliRunner().invoke(main, ["apply", path, "--merge-at", "attention", "--policy", "random"])
+    assert refused.exit_code == 2 and "policy 'random' does not merge" in refused.output
