@@ -16,51 +16,30 @@ from rich.console import Console
 from rich.markup import escape
 
 from spot_compile.calibration.config import FINETUNE_GRAPHS, MASK_GRADIENTS, PRECISIONS, CalibrationConfig
+from spot_compile.cli.options import (
+    BENCH_FULL,
+    BENCH_QUICK,
+    FILE_HELP,
+    merge_at_option,
+    model_options,
+    normalization_options,
+    parse_stages,
+    policy_option,
+    policy_value,
+)
 from spot_compile.config import DEFAULT_POLICY
 from spot_compile.data.preprocessing import AUGMENTATIONS
 from spot_compile.errors import SpotError
-from spot_compile.policies import policy_class, policy_help, policy_names, stages_help
-from spot_compile.policy_configs import MERGE_AT, MergeConfig
+from spot_compile.policies import policy_class, stages_help
 
 # Off a terminal (a pipe, a job's log) rich would cut tables to 80 columns; a wide console keeps every cell whole.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-_FILE_HELP = (
-    "MODEL_FILE is a Python file that is executed to build the model (only run files you trust). It must define "
-    "a module-level `model`, or exactly one nn.Module instance or nn.Module subclass, or name one with --model / "
-    "--factory. MODEL_FILE may instead name a model: timm:NAME (timm's architecture, random weights, or yours with "
-    "--checkpoint FILE) or hf:DIR (a local save_pretrained folder); nothing is downloaded."
-)
 
 
 # The calibration defaults, read by calibrate's options: the CLI and the API default alike.
 DEFAULTS = CalibrationConfig()
-# bench's presets: the full grid, and --quick (a DeiT-Tiny in a few minutes on 2 cores)
-BENCH_FULL = {"budgets": "1.0,0.8,0.6,0.5", "batches": "1,8,64", "repeats": 10, "warmup": 3}
-BENCH_QUICK = {"budgets": "1.0,0.6", "batches": "1,8", "repeats": 5, "warmup": 2}
-
-policy_option = click.option(
-    "--policy", type=click.Choice(policy_names()), default=None,
-    help=f"How tokens are reduced (default: spot with --predictors, else {DEFAULT_POLICY}). {policy_help()}.")
-
-
-merge_at_option = click.option(
-    "--merge-at", type=click.Choice(MERGE_AT), default=None,
-    help="With --policy merge: block (the default: in front of each block, on the previous block's keys) or attention "
-         "(ToMe as published: inside each block, between attention and MLP, on its own keys; every block merges).")
-
-
-def _policy(policy: str, merge_at: str | None):
-    """The --policy value as the config takes it: the name, or a MergeConfig where --merge-at is given."""
-    if merge_at is None:
-        return policy
-    if policy != "merge":
-        raise click.BadParameter(f"it places merging, and policy {policy!r} does not merge: drop it, or use --policy merge",
-                                 param_hint="--merge-at")
-    return MergeConfig(merge_at=merge_at)
-
-
 class SpotGroup(click.Group):
     """Turns SpotError into a one-line message and exit code 2; --debug shows the traceback. click's own usage
     errors get the same `error:` prefix (click writes `Error:`), after its usage line and hint."""
@@ -103,38 +82,13 @@ def main(ctx, debug: bool) -> None:
     ctx.ensure_object(dict)["debug"] = debug
 
 
-def _stages(value: str | None) -> tuple[int, ...] | None:
-    if not value:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of block indices, e.g. 3,6,9") from None
-
-
-def normalization_options(f):
-    f = click.option("--std", default=None, help="Per-channel std of the model's input normalisation, e.g. 0.229,0.224,0.225 "
-                     "(default: what the model declares; give with --mean).")(f)
-    return click.option("--mean", default=None, help="Per-channel mean of the model's input normalisation, e.g. "
-                        "0.485,0.456,0.406 (default: what the model declares, timm's pretrained_cfg).")(f)
-
-
-def model_options(f):
-    f = click.option("--input-size", type=int, default=None, help="Image side; default: what the model declares.")(f)
-    f = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                     help="Weights for a timm:NAME model (a state dict file; read with weights_only=True).")(f)
-    f = click.option("--factory", default=None, help="Function in MODEL_FILE that returns the model.")(f)
-    f = click.option("--model", "model_name", default=None, help="Name of the model object or class in MODEL_FILE.")(f)
-    return click.argument("model_file", type=click.Path(path_type=Path))(f)
-
-
 def _load(model_file: Path, model_name, factory, checkpoint=None) -> torch.nn.Module:
     from spot_compile.cli.userfile import load_model_file
 
     return load_model_file(model_file, model_name, factory, checkpoint)
 
 
-@main.command(help=f"Find the attention blocks of a model without rewriting it. {_FILE_HELP}")
+@main.command(help=f"Find the attention blocks of a model without rewriting it. {FILE_HELP}")
 @model_options
 def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
     from spot_compile.cli.report import blocks_table
@@ -147,7 +101,7 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
     console.print(blocks_table(structure))
 
 
-@main.command(help=f"Sparsify a model to a FLOPs budget and report the plan. {_FILE_HELP}")
+@main.command(help=f"Sparsify a model to a FLOPs budget and report the plan. {FILE_HELP}")
 @model_options
 @click.option("--budget", type=float, default=0.6, show_default=True, help="Sparse FLOPs as a fraction of dense, in (0, 1].")
 @click.option("--stages", default=None, help=f"Block indices to reduce tokens in front of, e.g. 3,6,9 (default, by policy: {stages_help()}).")
@@ -178,8 +132,8 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
     from spot_compile.serialization.files import atomic_file, check_writable_file, write_text
 
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
-    config = SparsifyConfig(budget=budget, stages=_stages(stages), policy=_policy(policy, merge_at), fuse_pruned=fuse, input_size=input_size,
-                            predictors=str(predictors) if predictors else None)
+    config = SparsifyConfig(budget=budget, stages=parse_stages(stages), policy=policy_value(policy, merge_at), fuse_pruned=fuse,
+                            input_size=input_size, predictors=str(predictors) if predictors else None)
     for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (token_maps, "--token-maps")):
         if path is not None:  # before the slow work, so that a typo costs nothing
             check_writable_file(path, option)
@@ -251,7 +205,7 @@ def _report_evaluation(model, sparse, data, normalization, token_maps: Path | No
         console.print(f"token maps written to {token_maps} ({len(chosen)} images, one per class where there are enough)")
 
 
-@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {_FILE_HELP}")
+@main.command(help=f"Calibrate SPOT predictors for a model on image data (backbone frozen unless --finetune). {FILE_HELP}")
 @model_options
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="IDX directory (MNIST-style files) or ImageFolder tree (train/CLASS/*.png).")
@@ -330,7 +284,7 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
         raise click.BadParameter(str(e), param_hint="--signals") from None
     settings["device"] = resolve_device(settings["device"], local_rank())
     # every setting is checked here, before the model file runs and the data is read
-    settings["stages"] = _stages(settings["stages"])
+    settings["stages"] = parse_stages(settings["stages"])
     config = CalibrationConfig.from_flat(**settings, predictor=predictor, compile=not no_compile, finetune=not freeze_backbone)
     check_writable_file(config.run.out, "--out")
     model = _load(model_file, model_name, factory, checkpoint)
@@ -344,7 +298,7 @@ def calibrate(model_file, model_name, factory, checkpoint, data_dir, signals, hi
         console.print(f"predictors written to {out}; use them with: spot-compile apply {model_file} --predictors {out}")
 
 
-@main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {_FILE_HELP}")
+@main.command(help=f"Time dense vs sparse, eager and compiled, as ratios measured in one run. {FILE_HELP}")
 @model_options
 @click.option("--budgets", default=None, help=f"Default {BENCH_FULL['budgets']} ({BENCH_QUICK['budgets']} with --quick); "
               "1.0 times the dense graph against itself: the noise check.")
@@ -394,7 +348,7 @@ def bench(model_file, model_name, factory, checkpoint, input_size, budgets, batc
     for b in budget_list:
         SparsifyConfig(budget=b)
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
-    config = {"policy": _policy(policy, merge_at), "predictors": str(predictors) if predictors else None}
+    config = {"policy": policy_value(policy, merge_at), "predictors": str(predictors) if predictors else None}
     model = _load(model_file, model_name, factory, checkpoint).to(device)
     measured: list = []
 
