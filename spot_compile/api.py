@@ -141,6 +141,15 @@ class SparseViT(nn.Module):
         example = self.example(batch)
         return torch.export.export(self.graph_module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
+    def to_onnx(self, path: str | Path, *, batch: int = 2, tolerance: float = 1e-4):
+        """Writes the sparse model as ONNX (dynamic batch axis, the plan's static token counts) after running it in
+        ONNX Runtime on batches `batch` and `batch + 1` against this model: a difference above `tolerance`
+        (relative to the outputs' scale) is an ExportError and nothing is written. Returns an `export.onnx.OnnxExport`
+        with the differences. Needs `pip install 'spot-compile[onnx]'` (docs/serving.md)."""
+        from spot_compile.export.onnx import to_onnx
+
+        return to_onnx(self, path, batch=batch, tolerance=tolerance, compare=policy_class(self.config.policy).deterministic)
+
     def example(self, batch: int) -> torch.Tensor:
         """A random input batch of the shape, dtype and device this model takes."""
         return noise_images((batch, *self.plan.input_shape[1:]), device_of(self.graph_module), dtype_of(self.graph_module))

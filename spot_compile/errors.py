@@ -44,6 +44,11 @@ class UsageError(SpotError):
     """An argument of the API is out of its range (batch size, step count, repeats, ...)."""
 
 
+class ExportError(SpotError):
+    """A sparse model that could not be written in an outside format (ONNX), or whose file does not compute what
+    the model does."""
+
+
 def first_line(e: BaseException) -> str:
     """`Type: first line of the message`, short enough for a one-line warning or error."""
     text = str(e).strip().splitlines()

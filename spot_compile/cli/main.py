@@ -114,6 +114,9 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Save the sparsified model (spot_compile.load).")
 @click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
               help="Write a self-contained torch.export program (.pt2, weights included; docs/serving.md).")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
+              help="Write an ONNX file (dynamic batch), checked in ONNX Runtime against the sparse model before it is "
+                   "written (needs pip install 'spot-compile[onnx]'; docs/serving.md).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure eager latency, dense vs sparse, batch 8.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Labelled images (ImageFolder tree, its val/ or test/ part if it has one; or an IDX directory's test "
@@ -125,7 +128,7 @@ def inspect(model_file, model_name, factory, checkpoint, input_size) -> None:
                    "patches for a dropping policy, merged groups for merging.")
 @normalization_options
 def apply(model_file, model_name, factory, checkpoint, input_size, budget, stages, policy, merge_at, predictors, fuse, dump, dump_file, out,
-          export_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
+          export_path, onnx_path, latency, data_dir, eval_images, token_maps, mean, std) -> None:
     from spot_compile import SparsifyConfig, save, sparsify
     from spot_compile.cli.bench import quick_latency
     from spot_compile.cli.report import dump_graph, plan_table
@@ -134,9 +137,14 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
     policy = policy or ("spot" if predictors else DEFAULT_POLICY)
     config = SparsifyConfig(budget=budget, stages=parse_stages(stages), policy=policy_value(policy, merge_at), fuse_pruned=fuse,
                             input_size=input_size, predictors=str(predictors) if predictors else None)
-    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (token_maps, "--token-maps")):
+    for path, option in ((out, "--out"), (dump_file, "--dump-file"), (export_path, "--export"), (onnx_path, "--onnx"),
+                         (token_maps, "--token-maps")):
         if path is not None:  # before the slow work, so that a typo costs nothing
             check_writable_file(path, option)
+    if onnx_path is not None:
+        from spot_compile.export.onnx import require_onnx_extra
+
+        require_onnx_extra()
     if token_maps is not None and data_dir is None:
         raise click.BadParameter("draws over images from --data: give --data DIR too", param_hint="--token-maps")
     if token_maps is not None and fuse:
@@ -163,6 +171,10 @@ def apply(model_file, model_name, factory, checkpoint, input_size, budget, stage
         with atomic_file(export_path, "--export") as f:  # a file object: a failed write is an error, not an abort
             torch.export.save(program, f)
         console.print(f"exported program written to {export_path} (load it with torch.export.load)")
+    if onnx_path:
+        with console.status("exporting to ONNX and checking it in ONNX Runtime"):
+            written = sparse.to_onnx(onnx_path)
+        console.print(written.describe())
     if evaluation is not None:
         _report_evaluation(model, sparse, *evaluation, token_maps)
 

@@ -36,6 +36,7 @@ class TokenPolicy(ABC):
         averaged into their most similar partners: nothing is discarded);
       config_type: its settings, a frozen dataclass from `policy_configs` (or the plug-in's own); `register`
         derives one named after the policy where a subclass declares none;
+      deterministic: whether two calls on one input choose the same tokens;
       stages_text: its default stages in words (for `--stages`' help).
     """
 
@@ -43,6 +44,8 @@ class TokenPolicy(ABC):
     summary: ClassVar[str]
     reduction: ClassVar[Literal["drop", "merge"]]
     config_type: ClassVar[type[PolicyConfig]] = PolicyConfig
+    # False where the policy draws its choices afresh on every call (two runs of one input then differ)
+    deterministic: ClassVar[bool] = True
     # `default_stages` in words, for `--stages`' help
     stages_text: ClassVar[str] = "the blocks at 1/4, 1/2 and 3/4 of the depth"
 

@@ -14,6 +14,7 @@ from spot_compile.scorers.training_free import RandomScorer
 class RandomPolicy(DropPolicy):
     name = "random"
     config_type = RandomConfig
+    deterministic = False
     summary = "drop uniformly random tokens (a baseline)"
 
     def scorer(self, stage: int) -> nn.Module:
