@@ -92,3 +92,16 @@ def test_the_cli_places_merging_with_merge_at(tmp_path):
     assert "in block (after attention)" in result.output
     refused = CliRunner().invoke(main, ["apply", path, "--merge-at", "attention", "--policy", "random"])
     assert refused.exit_code == 2 and "policy 'random' does not merge" in refused.output
+
+
+def test_tomes_placement_never_merges_more_than_half_the_patch_tokens_a_block_holds():
+    from spot_compile.policies.merge import MergePolicy
+
+    policy = MergePolicy.__new__(MergePolicy)
+    policy.in_block = True
+    for patches, stages in ((197 - 1, 12), (65 - 1, 4), (35, 3)):
+        for rho in (0.0, 0.2, 0.5, 0.8, 1.0):
+            prev = patches
+            for k in policy.schedule(patches, stages, rho):
+                assert prev - prev // 2 <= k <= prev  # ToMe's matching merges floor(n / 2) at most
+                prev = k

@@ -23,6 +23,8 @@ class MergePolicy(TokenPolicy):
     reduction = "merge"
     stages_text = "every block after the first"
 
+    in_block = False  # merge_at="attention": set from the config when the policy is made
+
     def __init__(self, config, model, structure) -> None:
         super().__init__(config, model, structure)
         self.in_block = self.settings.merge_at == "attention"
