@@ -107,7 +107,7 @@ def main() -> None:
     if args.split:
         # The pruning pass emits `_zero_descriptor` wherever it would emit the descriptor taps.
         with mock.patch.object(ops, "interaction_descriptor", _zero_descriptor):
-            predictors = {s: spot.scorers[f"spot_scorer_{s}"] for s in stages}  # the same modules, timing only
+            predictors = {s: spot.scorers[f"given_scorer_{s}"] for s in stages}  # the same modules, timing only
             graphs["spot without descriptor"] = sc.sparsify(model, sc.SparsifyConfig(**same, policy=sc.GivenScorersConfig(predictors)))
     batches = [int(b) for b in args.batches.split(",")]
     rows = []

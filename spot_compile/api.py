@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from spot_compile.policies import TokenPolicy, policy_class
 from spot_compile.policy_configs import GivenScorersConfig
 
 logger = logging.getLogger("spot_compile")
+SCORER_NAME = re.compile(r"\w+_scorer_(\d+)")  # a scorer submodule: `<policy>_scorer_<block>`
 
 
 class SparseViT(nn.Module):
@@ -156,7 +158,8 @@ class SparseViT(nn.Module):
 
     @property
     def scorers(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.graph_module.named_children() if n.startswith("spot_scorer_")}
+        """The scorer submodules by name, `<policy>_scorer_<block>` (e.g. `class_attention_scorer_3`)."""
+        return {n: m for n, m in self.graph_module.named_children() if SCORER_NAME.fullmatch(n)}
 
 
 def sparsify(model: nn.Module, config: SparsifyConfig | None = None, *, scorers: dict[int, nn.Module] | None = None) -> SparseViT:

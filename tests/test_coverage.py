@@ -48,7 +48,7 @@ def test_a_dominant_prior_keeps_the_farthest_point_prefix_at_every_stage(overrid
     assert sum(n.target is ops.token_positions for n in graph.nodes) == 1
     carried = [n for n in graph.nodes if n.target is ops.prune_tokens and n.meta["val"].shape[-1] == 1]
     assert len(carried) == len(stages) - 1
-    scorer_calls = [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("spot_scorer_")]
+    scorer_calls = [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("given_scorer_")]
     assert len(scorer_calls) == 3 and all(n.kwargs["positions"].meta["val"].shape[1] == n.args[0].meta["val"].shape[1]
                                           for n in scorer_calls)
     x = torch.randn(3, 1, 16, 16)

@@ -60,3 +60,19 @@ def test_every_error_line_has_one_prefix(tmp_path):
         lines = [line for line in result.output.splitlines() if "rror:" in line]
         assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Usage: " in usage.output and "0 is not in the range x>=1" in usage.output
+
+
+def test_scorer_nodes_are_named_after_their_policy_and_old_files_still_load(tmp_path):
+    import torch
+
+    model = small_vit()
+    sparse = sc.sparsify(model, sc.SparsifyConfig(budget=0.6, policy="class-attention"))
+    assert sorted(sparse.scorers) == [f"class_attention_scorer_{s.block}" for s in sparse.plan.stages]
+    sc.save(sparse, model, tmp_path / "new.pt")
+    record = torch.load(tmp_path / "new.pt", weights_only=True)
+    record["scorers"] = {name.replace("class_attention_", "spot_"): state for name, state in record["scorers"].items()}
+    torch.save(record, tmp_path / "old.pt")  # as files were written when every scorer was `spot_scorer_<block>`
+    loaded = sc.load(tmp_path / "old.pt", model)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x))

@@ -11,7 +11,7 @@ Emits, right after that node (taps and positions through `passes.taps`, shared w
     twice. A tap on a block before an earlier prune point is carried through that prune's selection;
   * for a scorer with `positions` set, each surviving token's index in the patch grid: `ops.token_positions` of the
     first block's input, emitted once, and carried through the prunes made since the last stage that read it;
-  * `call_module spot_scorer_<j>` (the scorer, with `positions=` if it asked for them), giving scores (B, N);
+  * `call_module <policy>_scorer_<j>` (the scorer, with `positions=` if it asked for them), giving scores (B, N);
   * `call_function ops.kept_patch_indices(scores, num_special, keep)`, the top-k, once per stage;
   * `call_function ops.prune_tokens(stream, scores, num_special, keep, fuse, kept)`, which every later user of the
     stream now reads (a tap carried through this stage is gathered by the same `kept`);
@@ -35,9 +35,10 @@ from spot_compile.passes.taps import attention_tap, follow, grid_positions
 
 def insert_pruning(
     gm: GraphModule, structure: ModelStructure, before_block: int, keep: int, scorer: torch.nn.Module, fuse: bool = False,
-    carry: Callable[[Callable[[Node], Node]], None] | None = None,
+    carry: Callable[[Callable[[Node], Node]], None] | None = None, scorer_prefix: str = "spot",
 ) -> Node:
     """Prunes to `num_special + keep (+1 fused)` tokens in front of block `before_block`; returns the prune node.
+    The scorer becomes submodule `<scorer_prefix>_scorer_<block>` (a policy names it after itself).
 
     `carry`, if given, is called before downstream shapes are re-derived with a function that emits the same
     selection on another per-token tensor (B, N, ...) and returns the selected node: a policy that keeps other
@@ -48,7 +49,7 @@ def insert_pruning(
     patch_tokens = tokens_in - structure.num_special
     if not 1 <= keep <= patch_tokens:
         raise StructureError(f"stage at block {before_block}: cannot keep {keep} of {patch_tokens} prunable tokens")
-    name = f"spot_scorer_{before_block}"
+    name = f"{scorer_prefix}_scorer_{before_block}"
     gm.add_submodule(name, scorer)
     earlier_prunes = [n for n in gm.graph.nodes if n.target is ops.prune_tokens and "spot_block" in n.meta]
     tapped = blocks[max(0, before_block - scorer.history):before_block]

@@ -111,5 +111,11 @@ class DropPolicy(TokenPolicy):
         """The scoring module spliced in front of block `stage` (see `scorers` for its contract)."""
 
     def reduce(self, gm: GraphModule, structure: ModelStructure, before_block: int, keep: int) -> Node:
-        return insert_pruning(gm, structure, before_block, keep, self.scorer(before_block), fuse=self.fuses)
+        return insert_pruning(gm, structure, before_block, keep, self.scorer(before_block), fuse=self.fuses,
+                              scorer_prefix=self.scorer_prefix)
+
+    @property
+    def scorer_prefix(self) -> str:
+        """The scorer submodules' name prefix in the graph (`--dump`, `SparseViT.scorers`): the policy's own name."""
+        return self.name.replace("-", "_")
 

@@ -26,6 +26,8 @@ class GivenScorers(DropPolicy):
         super().__init__(config, model, structure)
         self.scorers = dict(self.settings.scorers)
 
+    scorer_prefix = "given"
+
     @property
     def fixed_stages(self) -> tuple[int, ...]:
         return tuple(sorted(self.scorers))

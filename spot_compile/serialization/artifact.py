@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from spot_compile.api import sparsify
+from spot_compile.api import SCORER_NAME, sparsify
 from spot_compile.config import SparsifyConfig
 from spot_compile.errors import BudgetError, CheckpointError, InputSizeError, SpotError, StructureError, UsageError, first_line
 from spot_compile.policies import policy_names
@@ -91,10 +91,14 @@ def load(path: str | Path, model: nn.Module):
     scorers = data.get("scorers")
     if not isinstance(scorers, dict) or not all(isinstance(s, dict) for s in scorers.values()):
         raise CheckpointError(f"{path} holds a damaged sparse-model record (its scorer weights are no state dicts); write it again")
+    # by block: files written before scorers were named after their policy call every one `spot_scorer_<block>`
+    by_block = {SCORER_NAME.fullmatch(n).group(1): m for n, m in sparse.scorers.items()}
     for name, state in scorers.items():
-        if name not in sparse.scorers:
+        match = SCORER_NAME.fullmatch(name) if isinstance(name, str) else None
+        scorer = sparse.scorers.get(name) or (by_block.get(match.group(1)) if match else None)
+        if scorer is None:
             raise CheckpointError(f"{path} has scorer {name!r} that this model's plan lacks; sparsify this model afresh")
-        sparse.scorers[name].load_state_dict(state)
+        scorer.load_state_dict(state)
     if list(sparse.plan.input_shape[1:]) != input_shape[1:]:
         raise CheckpointError(f"{path} was made for input {input_shape[1:]}, not {list(sparse.plan.input_shape[1:])}")
     return sparse
